@@ -1,0 +1,3 @@
+from contrans_tl.cli import main
+
+raise SystemExit(main())

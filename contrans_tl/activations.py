@@ -1,0 +1,251 @@
+"""Batched, padding-aware reads of the residual stream at chosen layers and positions.
+
+Only the requested hook points are hooked, only the requested positions are copied out,
+and the forward pass stops right after the deepest requested block (a hook raises once it
+has what it needs, so not even the unembedding runs). Texts are sorted by length and
+batched with left padding, so a batch wastes little compute on padding.
+
+Example:
+    >>> reads = read_resid_post(model, ["The cat sat .", "Hello there"], layers=[3, 7])
+    >>> reads.states[7].shape  # one row per text: the last token
+    torch.Size([2, 640])
+"""
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from contrans_tl.sites import check_layers, resid_post_name
+from contrans_tl.tokens import Encoding, encode, pad_left, word_end_positions
+
+__all__ = [
+    "Positions",
+    "ResidReads",
+    "read_resid_post",
+    "iter_resid_post",
+    "select_positions",
+    "forward_until",
+]
+
+Positions = Literal["last", "all", "word_ends"]
+_POSITIONS = ("last", "all", "word_ends")
+
+
+class _StopForward(Exception):
+    """Raised by the deepest capture hook: everything needed has been read."""
+
+
+@dataclass
+class ResidReads:
+    """Residual-stream states read at selected positions of a list of texts.
+
+    Attributes:
+        layers: the layers read, ascending.
+        states: ``{layer: [n_states, d_model]}``, float32 on the CPU, rows in text order
+            and, within a text, in token order.
+        text_index: ``[n_states]`` index of the text each row comes from.
+        token_index: ``[n_states]`` token position of each row within its text's encoding.
+        word_index: ``[n_states]`` word index for ``word_ends`` reads, -1 otherwise.
+    """
+
+    layers: tuple[int, ...]
+    states: dict[int, Float[Tensor, "n d_model"]]
+    text_index: Int[Tensor, " n"]
+    token_index: Int[Tensor, " n"]
+    word_index: Int[Tensor, " n"]
+
+    def __len__(self) -> int:
+        return int(self.text_index.numel())
+
+
+def select_positions(enc: Encoding, positions: Positions) -> tuple[list[int], list[int]]:
+    """Token positions of one encoding for a position rule.
+
+    Returns:
+        ``(token_positions, word_indices)``; word indices are -1 unless ``word_ends``.
+    """
+    if positions == "last":
+        return [enc.last_text_position], [-1]
+    if positions == "all":
+        pos = enc.text_positions()
+        return pos, [-1] * len(pos)
+    if positions == "word_ends":
+        ends = word_end_positions(enc)
+        words = sorted(ends)
+        return [ends[w] for w in words], words
+    raise ValueError(f"positions must be one of {_POSITIONS}, got {positions!r}")
+
+
+def forward_until(
+    model: Any,
+    ids: Int[Tensor, "batch pos"],
+    mask: Tensor,
+    hooks: list[tuple[str, Callable[..., Any]]],
+) -> None:
+    """Run ``model`` on a padded batch with ``hooks``, letting a hook stop it early.
+
+    Hooks may raise :class:`_StopForward` once they have what they need; the hooks are
+    removed whatever happens.
+    """
+    device = _model_device(model)
+    with model.hooks(fwd_hooks=hooks):
+        try:
+            model(ids.to(device), attention_mask=mask.to(device).long(), return_type=None)
+        except _StopForward:
+            pass
+
+
+def _model_device(model: Any) -> torch.device:
+    cfg_device = getattr(getattr(model, "cfg", None), "device", None)
+    if cfg_device is not None:
+        return torch.device(cfg_device)
+    return next(model.parameters()).device
+
+
+def _pad_id(model: Any) -> int:
+    tok = model.tokenizer
+    for cand in (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id, 0):
+        if cand is not None:
+            return int(cand)
+    return 0
+
+
+def iter_resid_post(
+    model: Any,
+    encodings: Sequence[Encoding],
+    positions: Sequence[Sequence[int]],
+    layers: Sequence[int],
+    *,
+    batch_size: int = 16,
+    progress: bool | None = None,
+    desc: str = "reading activations",
+) -> Iterator[tuple[list[int], dict[int, list[Float[Tensor, "n_i d_model"]]]]]:
+    """Yield the residual stream after chosen blocks at chosen token positions.
+
+    The encodings are processed longest first, ``batch_size`` at a time, left-padded.
+    Each yielded item is ``(text_indices, {layer: [states of text i for i in batch]})``,
+    where ``states of text i`` is ``[len(positions[i]), d_model]`` float32 on the CPU.
+
+    Args:
+        model: a TransformerLens model (``TransformerBridge`` or ``HookedTransformer``)
+            with a tokenizer.
+        encodings: tokenized texts (:func:`contrans_tl.tokens.encode`).
+        positions: for each encoding, the token positions to keep (may be empty).
+        layers: block indices whose ``hook_resid_post`` is read.
+        batch_size: texts per forward pass.
+        progress: show a progress bar; ``None`` shows one for more than 256 texts.
+        desc: progress bar label.
+    """
+    if len(encodings) != len(positions):
+        raise ValueError(
+            f"got {len(encodings)} encodings but {len(positions)} position lists; "
+            "they must match one to one"
+        )
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    layer_list = check_layers(model, layers)
+    deepest = layer_list[-1]
+    for i, (enc, pos) in enumerate(zip(encodings, positions)):
+        bad = [p for p in pos if not 0 <= p < len(enc)]
+        if bad:
+            raise ValueError(f"text {i} has {len(enc)} tokens; positions {bad} are out of range")
+    order = sorted(range(len(encodings)), key=lambda i: -len(encodings[i]))
+    pad = _pad_id(model)
+    show = len(encodings) > 256 if progress is None else progress
+    bar = tqdm(total=len(encodings), desc=desc, disable=not show, leave=False)
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            ids, mask = pad_left([encodings[i].ids for i in idx], pad)
+            width = ids.shape[1]
+            rows: list[int] = []
+            cols: list[int] = []
+            counts: list[int] = []
+            for r, i in enumerate(idx):
+                shift = width - len(encodings[i])
+                rows.extend([r] * len(positions[i]))
+                cols.extend(p + shift for p in positions[i])
+                counts.append(len(positions[i]))
+            device = _model_device(model)
+            row_t = torch.tensor(rows, dtype=torch.long, device=device)
+            col_t = torch.tensor(cols, dtype=torch.long, device=device)
+            captured: dict[int, Tensor] = {}
+
+            def make_hook(layer: int) -> Callable[..., None]:
+                def hook(resid: Tensor, *, hook: Any) -> None:
+                    captured[layer] = resid[row_t, col_t].detach().float().cpu()
+                    if layer == deepest:
+                        raise _StopForward
+
+                return hook
+
+            hooks = [(resid_post_name(k), make_hook(k)) for k in layer_list]
+            if rows:
+                forward_until(model, ids, mask, hooks)
+            out: dict[int, list[Tensor]] = {}
+            for k in layer_list:
+                flat = captured.get(k, torch.empty(0, 0))
+                out[k] = list(flat.split(counts)) if rows else [torch.empty(0)] * len(idx)
+            yield list(idx), out
+            bar.update(len(idx))
+    finally:
+        bar.close()
+
+
+def read_resid_post(
+    model: Any,
+    texts: Sequence[str],
+    layers: Sequence[int] | None = None,
+    *,
+    positions: Positions = "last",
+    batch_size: int = 16,
+    max_length: int | None = None,
+    progress: bool | None = None,
+) -> ResidReads:
+    """Read ``blocks.{k}.hook_resid_post`` for ``layers`` at ``positions`` of ``texts``.
+
+    Args:
+        model: a TransformerLens model with a tokenizer.
+        texts: the texts; each is tokenized as the model's tokenizer does by default
+            (BOS included where the tokenizer adds one).
+        layers: block indices to read; ``None`` reads every block.
+        positions: ``"last"`` (each text's last token), ``"all"`` (every token of the
+            text, special tokens left out), or ``"word_ends"`` (each word's last token).
+        batch_size: texts per forward pass.
+        max_length: truncate texts to this many tokens.
+        progress: progress bar on or off; ``None``: on for more than 256 texts.
+
+    Returns:
+        A :class:`ResidReads` with rows in text order.
+
+    Example:
+        >>> reads = read_resid_post(model, texts, layers=[5], positions="word_ends")
+        >>> reads.states[5].shape, reads.word_index[:4]
+    """
+    if layers is None:
+        layers = range(model.cfg.n_layers)
+    layer_list = check_layers(model, layers)
+    encs = encode(model.tokenizer, texts, max_length=max_length)
+    sel = [select_positions(e, positions) for e in encs]
+    per_text: list[dict[int, Tensor] | None] = [None] * len(encs)
+    for idx, states in iter_resid_post(
+        model, encs, [s[0] for s in sel], layer_list, batch_size=batch_size, progress=progress
+    ):
+        for j, i in enumerate(idx):
+            per_text[i] = {k: states[k][j] for k in layer_list}
+    d_model = model.cfg.d_model
+    stacked = {
+        k: torch.cat([p[k].reshape(-1, d_model) for p in per_text if p is not None])
+        for k in layer_list
+    }
+    text_index = torch.cat(
+        [torch.full((len(s[0]),), i, dtype=torch.long) for i, s in enumerate(sel)]
+    )
+    token_index = torch.cat([torch.tensor(s[0], dtype=torch.long) for s in sel])
+    word_index = torch.cat([torch.tensor(s[1], dtype=torch.long) for s in sel])
+    return ResidReads(tuple(layer_list), stacked, text_index, token_index, word_index)

@@ -1,0 +1,247 @@
+"""Concept vectors: one direction per layer, with the provenance to use them safely.
+
+The paper's refinement (Eq. 1): run positive and negative prompts through a model, keep
+the residual stream after block ``k`` at the last token, and take the mean of the
+positive states minus the mean of the negative states.
+
+Example:
+    >>> v = mean_difference(model, positive=["... happy ..."], negative=["... sad ..."],
+    ...                     concept="happiness")
+    >>> v[12].shape       # the vector of block 12
+    torch.Size([576])
+    >>> v.save("vectors/happiness")  # happiness.safetensors + happiness.json
+"""
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from contrans_tl.activations import Positions, read_resid_post
+from contrans_tl.io import load_artifact, save_artifact
+from contrans_tl.models import model_provenance
+from contrans_tl.sites import RESID_POST, check_layers
+
+__all__ = ["ConceptVector", "mean_difference", "check_fits_model"]
+
+
+@dataclass
+class ConceptVector:
+    """A concept direction for each of several layers of one model.
+
+    Attributes:
+        vectors: ``[n_vector_layers, d_model]``; row ``i`` belongs to ``layers[i]``.
+        layers: block indices, ascending, one per row.
+        model: provenance of the model the vectors live in
+            (:meth:`contrans_tl.models.ModelProvenance.to_dict`): its residual stream is
+            where the vectors may be added.
+        concept: a name, e.g. ``"happiness"``.
+        method: how the vectors were made (``"mean_difference"``, ``"transplanted"``, ...).
+        hook_template: the hook point the vectors belong to.
+        metadata: anything else worth keeping (counts, prompt template, the source vector
+            and map for a transplanted vector, mean residual norms per layer).
+    """
+
+    vectors: Float[Tensor, "n_vector_layers d_model"]
+    layers: tuple[int, ...]
+    model: dict[str, Any]
+    concept: str
+    method: str = "mean_difference"
+    hook_template: str = RESID_POST
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.layers = tuple(int(k) for k in self.layers)
+        if self.vectors.ndim != 2:
+            raise ValueError(
+                f"vectors must be [n_layers, d_model], got shape {tuple(self.vectors.shape)}"
+            )
+        if self.vectors.shape[0] != len(self.layers):
+            raise ValueError(
+                f"{self.vectors.shape[0]} vectors but {len(self.layers)} layers; one per layer"
+            )
+        if list(self.layers) != sorted(set(self.layers)):
+            raise ValueError(f"layers must be ascending and distinct, got {self.layers}")
+        d = self.model.get("d_model")
+        if d is not None and self.vectors.shape[1] != d:
+            raise ValueError(
+                f"vectors have width {self.vectors.shape[1]} but the model's d_model is {d}"
+            )
+        if not torch.isfinite(self.vectors).all():
+            raise ValueError("vectors contain NaN or inf")
+
+    @property
+    def d_model(self) -> int:
+        return int(self.vectors.shape[1])
+
+    def __getitem__(self, layer: int) -> Float[Tensor, " d_model"]:
+        try:
+            return self.vectors[self.layers.index(layer)]
+        except ValueError:
+            raise KeyError(f"no vector for layer {layer}; this one has layers {self.layers}") from None
+
+    def norms(self) -> dict[int, float]:
+        """L2 norm of each layer's vector."""
+        return {k: float(n) for k, n in zip(self.layers, self.vectors.norm(dim=-1))}
+
+    def select(self, layers: Sequence[int]) -> "ConceptVector":
+        """A copy restricted to ``layers`` (each must be present)."""
+        layers = sorted(int(k) for k in layers)
+        rows = torch.stack([self[k] for k in layers])
+        return self.replace(vectors=rows, layers=tuple(layers))
+
+    def replace(self, **changes: Any) -> "ConceptVector":
+        """A copy with some fields changed (metadata is copied, not shared)."""
+        fields = {
+            "vectors": self.vectors,
+            "layers": self.layers,
+            "model": dict(self.model),
+            "concept": self.concept,
+            "method": self.method,
+            "hook_template": self.hook_template,
+            "metadata": dict(self.metadata),
+        }
+        fields.update(changes)
+        return ConceptVector(**fields)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write ``path.safetensors`` and ``path.json``."""
+        meta = {
+            "kind": "concept_vector",
+            "concept": self.concept,
+            "method": self.method,
+            "layers": list(self.layers),
+            "hook_template": self.hook_template,
+            "model": self.model,
+            "metadata": self.metadata,
+        }
+        save_artifact(path, {"vectors": self.vectors.float()}, meta)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> "ConceptVector":
+        """Read a vector written by :meth:`save`."""
+        tensors, meta = load_artifact(path, kind="concept_vector")
+        return cls(
+            vectors=tensors["vectors"],
+            layers=tuple(meta["layers"]),
+            model=meta["model"],
+            concept=meta["concept"],
+            method=meta["method"],
+            hook_template=meta["hook_template"],
+            metadata=meta.get("metadata", {}),
+        )
+
+
+def check_fits_model(
+    model_info: Mapping[str, Any], model: Any, *, what: str, strict: bool = True
+) -> None:
+    """Refuse to use an artifact made for one model on another.
+
+    Compares width and layer count always; with ``strict``, also the model id and the
+    weight processing (a vector made with folded LayerNorm is wrong without it).
+
+    Raises:
+        ValueError: naming each mismatch, and ``strict=False`` as the way past the id check.
+    """
+    prov = model_provenance(model)
+    problems = []
+    if model_info.get("d_model") != prov.d_model:
+        problems.append(f"d_model {model_info.get('d_model')} vs the model's {prov.d_model}")
+    if model_info.get("n_layers") != prov.n_layers:
+        problems.append(f"{model_info.get('n_layers')} layers vs the model's {prov.n_layers}")
+    if problems:
+        raise ValueError(
+            f"{what} was made for {model_info.get('model_id')!r} and does not fit "
+            f"{prov.model_id!r}: " + "; ".join(problems)
+        )
+    if not strict:
+        return
+    if model_info.get("model_id") != prov.model_id:
+        problems.append(f"model id {model_info.get('model_id')!r} vs {prov.model_id!r}")
+    wp = model_info.get("weight_processing")
+    if wp != prov.weight_processing:
+        problems.append(f"weight processing {wp!r} vs the model's {prov.weight_processing!r}")
+    if problems:
+        raise ValueError(
+            f"{what} does not match this model: " + "; ".join(problems) + ". The residual "
+            "stream differs between models and weight processings; pass strict=False only if "
+            "you know the two are the same weights."
+        )
+
+
+def mean_difference(
+    model: Any,
+    positive: Sequence[str],
+    negative: Sequence[str],
+    *,
+    layers: Sequence[int] | None = None,
+    concept: str = "concept",
+    positions: Positions = "last",
+    batch_size: int = 16,
+    progress: bool | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> ConceptVector:
+    """Refine a concept vector by mean difference (paper Eq. 1).
+
+    ``v_k = mean(h_k(positive)) - mean(h_k(negative))`` with ``h_k`` the residual stream
+    after block ``k`` at the last token (or every token / word end, see ``positions``).
+    With equally many positives and negatives this is the paper's mean of pairwise
+    differences; unequal counts are allowed.
+
+    The mean residual-stream norm per layer (over all prompts) is kept in
+    ``metadata["resid_norms"]``, so strengths can be given relative to it.
+
+    Args:
+        model: a TransformerLens model with a tokenizer.
+        positive: prompts that express the concept.
+        negative: prompts that do not (or express its opposite).
+        layers: blocks to refine at; ``None``: every block.
+        concept: name stored with the vector.
+        positions: where to read the states; the paper reads ``"last"``.
+        batch_size: prompts per forward pass.
+        progress: progress bar (``None``: automatic).
+        metadata: extra entries to store with the vector.
+
+    Returns:
+        A :class:`ConceptVector` for ``model``.
+    """
+    if len(positive) == 0 or len(negative) == 0:
+        raise ValueError(
+            f"need at least one positive and one negative prompt, got {len(positive)} and "
+            f"{len(negative)}"
+        )
+    layer_list = check_layers(model, range(model.cfg.n_layers) if layers is None else layers)
+    reads = read_resid_post(
+        model,
+        list(positive) + list(negative),
+        layer_list,
+        positions=positions,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    is_pos = reads.text_index < len(positive)
+    rows = []
+    norms = {}
+    for k in layer_list:
+        h = reads.states[k].double()
+        rows.append((h[is_pos].mean(0) - h[~is_pos].mean(0)).float())
+        norms[str(k)] = float(h.norm(dim=-1).mean())
+    meta = {
+        "n_positive": len(positive),
+        "n_negative": len(negative),
+        "positions": positions,
+        "resid_norms": norms,
+        **(dict(metadata) if metadata else {}),
+    }
+    return ConceptVector(
+        vectors=torch.stack(rows),
+        layers=tuple(layer_list),
+        model=model_provenance(model).to_dict(),
+        concept=concept,
+        method="mean_difference",
+        metadata=meta,
+    )

@@ -1,0 +1,1 @@
+"""Evaluations of the ConTrans paper (emotion transplant first)."""

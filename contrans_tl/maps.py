@@ -1,0 +1,558 @@
+"""Per-layer linear maps from one model's residual stream to another's (paper Eq. 2).
+
+Fitting is split in two, as in concept-erasure's ``LeaceFitter``: a
+:class:`LinearMapFitter` accumulates sufficient statistics batch by batch (memory does
+not grow with the number of pairs), and :meth:`LinearMapFitter.solve` freezes them into
+a weight and bias. :func:`fit_residual_map` runs both models over the same plain text,
+pairs their states, fits one map per layer pair and measures each on held-out text.
+
+Methods:
+    ``"svd"``: the paper's solution ``F = V Σ⁻¹ Uᵀ Y`` for ``h_src F ≈ h_tgt``, no bias
+        (the minimum-norm least-squares solution, computed from the Gram matrix).
+    ``"ridge"``: centred affine least squares with a ridge penalty,
+        ``F = (X̃ᵀX̃ + λI)⁻¹ X̃ᵀỸ``, ``b = ȳ - x̄F``, ``λ = ridge · tr(X̃ᵀX̃) / d_src``.
+
+A concept vector is a difference of states, so only ``F`` acts on it: ``v̂ = v F``.
+
+Example:
+    >>> m = fit_residual_map(small, big, wikisplit_sentences, pairing="word_ends")
+    >>> m.metrics[17]["r2_last"]          # held-out R² at last tokens, target layer 17
+    >>> v_big = m.transplant(v_small)     # a ConceptVector for `big`
+"""
+
+import os
+import random
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from contrans_tl.activations import iter_resid_post
+from contrans_tl.concepts import ConceptVector, check_fits_model
+from contrans_tl.io import load_artifact, save_artifact
+from contrans_tl.models import model_provenance
+from contrans_tl.sites import check_layers, match_layers_by_depth
+from contrans_tl.tokens import Encoding, encode, word_end_positions
+
+__all__ = [
+    "Pairing",
+    "MapMethod",
+    "LinearMapFitter",
+    "MapScorer",
+    "ResidualMap",
+    "paired_positions",
+    "iter_paired_states",
+    "fit_residual_map",
+    "evaluate_map",
+]
+
+Pairing = Literal["auto", "last", "all", "word_ends"]
+MapMethod = Literal["svd", "ridge"]
+_PAIRINGS = ("auto", "last", "all", "word_ends")
+_METHODS = ("svd", "ridge")
+
+
+class LinearMapFitter:
+    """Accumulates ``Σx, Σy, XᵀX, XᵀY`` (float64) for one map ``d_src → d_tgt``.
+
+    Example:
+        >>> fitter = LinearMapFitter(576, 640)
+        >>> for x, y in batches:
+        ...     fitter.update(x, y)
+        >>> weight, bias = fitter.solve("svd")
+    """
+
+    def __init__(self, d_src: int, d_tgt: int) -> None:
+        if d_src < 1 or d_tgt < 1:
+            raise ValueError(f"widths must be positive, got {d_src} and {d_tgt}")
+        self.d_src, self.d_tgt = d_src, d_tgt
+        self.n = 0
+        self.sum_x = torch.zeros(d_src, dtype=torch.float64)
+        self.sum_y = torch.zeros(d_tgt, dtype=torch.float64)
+        self.xtx = torch.zeros(d_src, d_src, dtype=torch.float64)
+        self.xty = torch.zeros(d_src, d_tgt, dtype=torch.float64)
+        self.sum_y_norm = 0.0
+
+    def update(self, x: Float[Tensor, "n d_src"], y: Float[Tensor, "n d_tgt"]) -> None:
+        """Add paired rows: ``x[i]`` (source state) goes with ``y[i]`` (target state)."""
+        if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
+            raise ValueError(
+                f"need x [n, {self.d_src}] and y [n, {self.d_tgt}] with the same n, got "
+                f"{tuple(x.shape)} and {tuple(y.shape)}"
+            )
+        if x.shape[1] != self.d_src or y.shape[1] != self.d_tgt:
+            raise ValueError(
+                f"this fitter maps {self.d_src} -> {self.d_tgt}, got x width {x.shape[1]} and "
+                f"y width {y.shape[1]} (is the source/target order swapped?)"
+            )
+        x64, y64 = x.double().cpu(), y.double().cpu()
+        self.n += x64.shape[0]
+        self.sum_x += x64.sum(0)
+        self.sum_y += y64.sum(0)
+        self.xtx += x64.T @ x64
+        self.xty += x64.T @ y64
+        self.sum_y_norm += float(y64.norm(dim=-1).sum())
+
+    @property
+    def mean_target_norm(self) -> float:
+        """Mean L2 norm of the target rows seen so far."""
+        return self.sum_y_norm / max(self.n, 1)
+
+    def solve(
+        self, method: MapMethod = "svd", *, ridge: float = 1e-3, rcond: float = 1e-12
+    ) -> tuple[Float[Tensor, "d_src d_tgt"], Float[Tensor, " d_tgt"]]:
+        """Freeze the statistics into ``(weight, bias)`` with ``y ≈ x @ weight + bias``.
+
+        Args:
+            method: ``"svd"`` (paper, no bias) or ``"ridge"`` (centred, with bias).
+            ridge: penalty for ``"ridge"``, relative to the mean eigenvalue of X̃ᵀX̃.
+            rcond: for ``"svd"``, eigenvalues of XᵀX below ``rcond · max`` are dropped
+                (singular values below ``sqrt(rcond) · max``), as a pseudo-inverse does.
+
+        Returns:
+            float32 ``weight [d_src, d_tgt]`` and ``bias [d_tgt]`` (zero for ``"svd"``).
+        """
+        if self.n == 0:
+            raise ValueError("no pairs were added; call update() before solve()")
+        if method == "svd":
+            evals, evecs = torch.linalg.eigh(self.xtx)
+            keep = evals > rcond * evals.max().clamp_min(1e-300)
+            v = evecs[:, keep]
+            weight = v @ ((v.T @ self.xty) / evals[keep, None])
+            bias = torch.zeros(self.d_tgt, dtype=torch.float64)
+        elif method == "ridge":
+            if ridge < 0:
+                raise ValueError(f"ridge must be >= 0, got {ridge}")
+            mx, my = self.sum_x / self.n, self.sum_y / self.n
+            cxx = self.xtx - self.n * torch.outer(mx, mx)
+            cxy = self.xty - self.n * torch.outer(mx, my)
+            lam = ridge * float(torch.trace(cxx)) / self.d_src
+            eye = torch.eye(self.d_src, dtype=torch.float64)
+            weight = torch.linalg.lstsq(cxx + lam * eye, cxy).solution
+            bias = my - mx @ weight
+        else:
+            raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+        return weight.float(), bias.float()
+
+
+class MapScorer:
+    """Streams held-out ``R²`` and mean cosine of a map's predictions.
+
+    ``R² = 1 - Σ‖y - ŷ‖² / Σ‖y - ȳ‖²`` (ȳ: mean of the held-out targets), and the mean
+    cosine between each prediction ``ŷ`` and its true target ``y``.
+    """
+
+    def __init__(self, weight: Tensor, bias: Tensor) -> None:
+        self.weight, self.bias = weight.double(), bias.double()
+        self.n = 0
+        self.sse = 0.0
+        self.sum_y = torch.zeros(weight.shape[1], dtype=torch.float64)
+        self.sum_y2 = 0.0
+        self.sum_cos = 0.0
+
+    def update(self, x: Tensor, y: Tensor) -> None:
+        x64, y64 = x.double(), y.double()
+        pred = x64 @ self.weight + self.bias
+        self.n += x64.shape[0]
+        self.sse += float(((y64 - pred) ** 2).sum())
+        self.sum_y += y64.sum(0)
+        self.sum_y2 += float((y64**2).sum())
+        self.sum_cos += float(torch.nn.functional.cosine_similarity(pred, y64, dim=-1).sum())
+
+    def result(self) -> dict[str, float]:
+        if self.n == 0:
+            return {"r2": float("nan"), "cosine": float("nan"), "n": 0}
+        sst = self.sum_y2 - float(self.sum_y @ self.sum_y) / self.n
+        return {"r2": 1.0 - self.sse / sst, "cosine": self.sum_cos / self.n, "n": self.n}
+
+
+def paired_positions(
+    src: Encoding, tgt: Encoding, pairing: Literal["last", "all", "word_ends"]
+) -> tuple[list[int], list[int]]:
+    """Token positions of the same text in two tokenizations that carry the same meaning.
+
+    ``"last"``: the last token of each. ``"all"``: every text token, which needs the two
+    tokenizations to agree token for token. ``"word_ends"``: the last token of every
+    word that has a clean end in both (see :func:`contrans_tl.tokens.word_end_positions`).
+
+    Raises:
+        ValueError: ``"all"`` on two tokenizations that differ.
+    """
+    if pairing == "last":
+        return [src.last_text_position], [tgt.last_text_position]
+    if pairing == "all":
+        ps, pt = src.text_positions(), tgt.text_positions()
+        if [src.ids[i] for i in ps] != [tgt.ids[i] for i in pt]:
+            raise ValueError(
+                "pairing='all' needs both models to tokenize the text identically; they "
+                f"differ on {src.text[:60]!r}. Use pairing='word_ends' across tokenizers."
+            )
+        return ps, pt
+    if pairing == "word_ends":
+        ws, wt = word_end_positions(src), word_end_positions(tgt)
+        common = sorted(set(ws) & set(wt))
+        return [ws[w] for w in common], [wt[w] for w in common]
+    raise ValueError(f"pairing must be one of {_PAIRINGS}, got {pairing!r}")
+
+
+def _resolve_pairing(source: Any, target: Any, pairing: Pairing) -> str:
+    if pairing not in _PAIRINGS:
+        raise ValueError(f"pairing must be one of {_PAIRINGS}, got {pairing!r}")
+    if pairing != "auto":
+        return pairing
+    same = source.tokenizer.get_vocab() == target.tokenizer.get_vocab()
+    return "all" if same else "word_ends"
+
+
+def iter_paired_states(
+    source: Any,
+    target: Any,
+    texts: Sequence[str],
+    layer_pairs: Sequence[tuple[int, int]],
+    pairing: Literal["last", "all", "word_ends"],
+    *,
+    batch_size: int = 16,
+    chunk_texts: int = 128,
+    max_length: int | None = 128,
+    progress: bool | None = None,
+    desc: str = "pairing states",
+) -> Iterator[tuple[dict[int, Tensor], dict[int, Tensor]]]:
+    """Yield ``({src_layer: [n, d_src]}, {tgt_layer: [n, d_tgt]})`` for chunks of texts.
+
+    Rows of the two dicts are paired: row ``i`` of every source layer and row ``i`` of
+    every target layer come from the same text position. Texts are sorted by length and
+    read ``chunk_texts`` at a time, so memory stays bounded.
+    """
+    src_layers = sorted({s for s, _ in layer_pairs})
+    tgt_layers = sorted({t for _, t in layer_pairs})
+    enc_s = encode(source.tokenizer, texts, max_length=max_length)
+    enc_t = encode(target.tokenizer, texts, max_length=max_length)
+    order = sorted(range(len(texts)), key=lambda i: -len(enc_s[i]))
+    from tqdm.auto import tqdm
+
+    show = len(texts) > 256 if progress is None else progress
+    bar = tqdm(total=len(texts), desc=desc, disable=not show, leave=False)
+    try:
+        for start in range(0, len(order), chunk_texts):
+            idx = order[start : start + chunk_texts]
+            pos = [paired_positions(enc_s[i], enc_t[i], pairing) for i in idx]
+            xs = _read_chunk(source, [enc_s[i] for i in idx], [p[0] for p in pos], src_layers,
+                             batch_size)
+            ys = _read_chunk(target, [enc_t[i] for i in idx], [p[1] for p in pos], tgt_layers,
+                             batch_size)
+            bar.update(len(idx))
+            if next(iter(xs.values())).shape[0]:
+                yield xs, ys
+    finally:
+        bar.close()
+
+
+def _read_chunk(
+    model: Any, encs: list[Encoding], positions: list[list[int]], layers: list[int],
+    batch_size: int,
+) -> dict[int, Tensor]:
+    per_text: list[dict[int, Tensor]] = [{} for _ in encs]
+    for idx, states in iter_resid_post(
+        model, encs, positions, layers, batch_size=batch_size, progress=False
+    ):
+        for j, i in enumerate(idx):
+            per_text[i] = {k: states[k][j] for k in layers}
+    d = model.cfg.d_model
+    return {k: torch.cat([p[k].reshape(-1, d) for p in per_text]) for k in layers}
+
+
+@dataclass
+class ResidualMap:
+    """Frozen per-layer maps from a source model's residual stream to a target's.
+
+    Attributes:
+        layer_pairs: ``[(source_layer, target_layer), ...]``, one per target layer mapped.
+        weights: ``{target_layer: [d_src, d_tgt]}``.
+        biases: ``{target_layer: [d_tgt]}`` (zero for the paper's ``"svd"`` method).
+        source, target: provenance dicts of the two models.
+        method, pairing: how it was fitted.
+        metrics: ``{target_layer: {...}}``: held-out ``r2``/``cosine`` on the fitted
+            pairing, ``r2_last``/``cosine_last`` at last tokens, counts.
+        target_resid_norms: ``{target_layer: mean ‖h_tgt‖}`` over the training pairs.
+        info: texts used, ridge, anything else recorded at fit time.
+    """
+
+    layer_pairs: list[tuple[int, int]]
+    weights: dict[int, Tensor]
+    biases: dict[int, Tensor]
+    source: dict[str, Any]
+    target: dict[str, Any]
+    method: str
+    pairing: str
+    metrics: dict[int, dict[str, float]] = field(default_factory=dict)
+    target_resid_norms: dict[int, float] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.layer_pairs = [(int(s), int(t)) for s, t in self.layer_pairs]
+        targets = [t for _, t in self.layer_pairs]
+        if len(set(targets)) != len(targets):
+            raise ValueError(f"each target layer may be mapped once, got {self.layer_pairs}")
+        for _, t in self.layer_pairs:
+            w = self.weights.get(t)
+            if w is None:
+                raise ValueError(f"no weight for target layer {t}")
+            shape = (self.source["d_model"], self.target["d_model"])
+            if tuple(w.shape) != shape:
+                raise ValueError(f"weight of target layer {t} has shape {tuple(w.shape)}, "
+                                 f"expected {shape} (d_src, d_tgt)")
+
+    def source_layer(self, target_layer: int) -> int:
+        for s, t in self.layer_pairs:
+            if t == target_layer:
+                return s
+        raise KeyError(f"target layer {target_layer} is not mapped; mapped: "
+                       f"{[t for _, t in self.layer_pairs]}")
+
+    def map_states(
+        self, states: Float[Tensor, "... d_src"], target_layer: int
+    ) -> Float[Tensor, "... d_tgt"]:
+        """Map source states (of the paired source layer) into ``target_layer``'s space."""
+        w, b = self.weights[target_layer], self.biases[target_layer]
+        return states.to(w.dtype) @ w + b
+
+    def transplant(
+        self, vector: ConceptVector, *, strict: bool = True
+    ) -> ConceptVector:
+        """Carry a source-model concept vector into the target model (``v̂ = v F``).
+
+        Every target layer whose source layer has a vector gets one.
+
+        Raises:
+            ValueError: the vector belongs to another model than the map's source, or
+                none of its layers is a source layer of this map.
+        """
+        if vector.d_model != self.source["d_model"]:
+            raise ValueError(
+                f"the vector has width {vector.d_model} but this map's source "
+                f"{self.source.get('model_id')!r} has d_model {self.source['d_model']}; is it "
+                "a vector of the target model, or of another model?"
+            )
+        _check_same_model(vector.model, self.source, strict=strict, what="the concept vector")
+        pairs = [(s, t) for s, t in self.layer_pairs if s in vector.layers]
+        if not pairs:
+            raise ValueError(
+                f"the vector has layers {vector.layers}, none of which is a source layer of "
+                f"this map ({sorted({s for s, _ in self.layer_pairs})})"
+            )
+        rows = torch.stack([vector[s].float() @ self.weights[t] for s, t in pairs])
+        meta = {
+            "source_concept": vector.concept,
+            "source_model": vector.model.get("model_id"),
+            "source_method": vector.method,
+            "layer_pairs": [list(p) for p in pairs],
+            "map_method": self.method,
+            "map_pairing": self.pairing,
+            "resid_norms": {str(t): self.target_resid_norms[t] for _, t in pairs
+                            if t in self.target_resid_norms},
+            "source_metadata": {k: v for k, v in vector.metadata.items() if k != "resid_norms"},
+        }
+        return ConceptVector(
+            vectors=rows,
+            layers=tuple(t for _, t in pairs),
+            model=dict(self.target),
+            concept=vector.concept,
+            method="transplanted",
+            metadata=meta,
+        )
+
+    def check_models(self, source: Any, target: Any, *, strict: bool = True) -> None:
+        """Raise if ``source``/``target`` are not the models this map was fitted on."""
+        check_fits_model(self.source, source, what="this map's source side", strict=strict)
+        check_fits_model(self.target, target, what="this map's target side", strict=strict)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write ``path.safetensors`` and ``path.json``."""
+        tensors = {}
+        for _, t in self.layer_pairs:
+            tensors[f"weight.{t}"] = self.weights[t].float()
+            tensors[f"bias.{t}"] = self.biases[t].float()
+        meta = {
+            "kind": "residual_map",
+            "layer_pairs": [list(p) for p in self.layer_pairs],
+            "source": self.source,
+            "target": self.target,
+            "method": self.method,
+            "pairing": self.pairing,
+            "metrics": {str(k): v for k, v in self.metrics.items()},
+            "target_resid_norms": {str(k): v for k, v in self.target_resid_norms.items()},
+            "info": self.info,
+        }
+        save_artifact(path, tensors, meta)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> "ResidualMap":
+        """Read a map written by :meth:`save`."""
+        tensors, meta = load_artifact(path, kind="residual_map")
+        pairs = [(int(s), int(t)) for s, t in meta["layer_pairs"]]
+        return cls(
+            layer_pairs=pairs,
+            weights={t: tensors[f"weight.{t}"] for _, t in pairs},
+            biases={t: tensors[f"bias.{t}"] for _, t in pairs},
+            source=meta["source"],
+            target=meta["target"],
+            method=meta["method"],
+            pairing=meta["pairing"],
+            metrics={int(k): v for k, v in meta.get("metrics", {}).items()},
+            target_resid_norms={int(k): v for k, v in meta.get("target_resid_norms", {}).items()},
+            info=meta.get("info", {}),
+        )
+
+
+def _check_same_model(
+    made_for: Mapping[str, Any], expected: Mapping[str, Any], *, strict: bool, what: str
+) -> None:
+    if made_for.get("d_model") != expected.get("d_model") or (
+        made_for.get("n_layers") != expected.get("n_layers")
+    ):
+        raise ValueError(
+            f"{what} belongs to {made_for.get('model_id')!r} "
+            f"({made_for.get('n_layers')} layers x {made_for.get('d_model')}), but the map "
+            f"expects {expected.get('model_id')!r} "
+            f"({expected.get('n_layers')} layers x {expected.get('d_model')})"
+        )
+    if strict and (
+        made_for.get("model_id") != expected.get("model_id")
+        or made_for.get("weight_processing") != expected.get("weight_processing")
+    ):
+        raise ValueError(
+            f"{what} belongs to {made_for.get('model_id')!r} "
+            f"(weights: {made_for.get('weight_processing')}), but the map expects "
+            f"{expected.get('model_id')!r} (weights: {expected.get('weight_processing')}); "
+            "pass strict=False if they are the same weights"
+        )
+
+
+def fit_residual_map(
+    source: Any,
+    target: Any,
+    texts: Sequence[str],
+    *,
+    layer_pairs: Sequence[tuple[int, int]] | None = None,
+    pairing: Pairing = "auto",
+    method: MapMethod = "svd",
+    ridge: float = 1e-3,
+    heldout_fraction: float = 0.1,
+    seed: int = 0,
+    batch_size: int = 16,
+    max_length: int | None = 128,
+    progress: bool | None = None,
+) -> ResidualMap:
+    """Fit one linear map per layer pair from ``source``'s to ``target``'s residual stream.
+
+    Both models read the same texts; their states are paired (see ``pairing``) and the
+    maps are fitted on all but a held-out fraction of the texts, which then measures each
+    map twice: on pairs of the fitted kind, and at last tokens (where concept vectors are
+    read, so ``r2_last`` is the number that predicts whether a transplant can work).
+
+    Args:
+        source: the model the concept vectors come from.
+        target: the model they go to.
+        texts: plain text (the paper: 2,000 WikiSplit sentences).
+        layer_pairs: ``[(source_layer, target_layer)]``; ``None`` pairs every target
+            layer with the source layer of the same relative depth.
+        pairing: ``"last"`` (one pair per text, the paper's choice), ``"all"`` (every token;
+            same tokenizer only), ``"word_ends"`` (every word's last token), or ``"auto"``
+            (``"all"`` if the vocabularies match, else ``"word_ends"``).
+        method: ``"svd"`` (paper) or ``"ridge"`` (centred, regularised).
+        ridge: ridge strength for ``"ridge"`` (relative to the mean eigenvalue).
+        heldout_fraction: share of texts kept out of the fit for the metrics (0 skips them).
+        seed: seeds the held-out split.
+        batch_size: texts per forward pass.
+        max_length: truncate texts to this many tokens.
+        progress: progress bars (``None``: automatic).
+
+    Returns:
+        A :class:`ResidualMap` with held-out metrics per target layer.
+    """
+    if not 0 <= heldout_fraction < 1:
+        raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    kind = _resolve_pairing(source, target, pairing)
+    if layer_pairs is None:
+        layer_pairs = match_layers_by_depth(source.cfg.n_layers, target.cfg.n_layers)
+    pairs = [(check_layers(source, [s])[0], check_layers(target, [t])[0]) for s, t in layer_pairs]
+    texts = list(texts)
+    n_held = int(round(len(texts) * heldout_fraction))
+    if len(texts) - n_held < 1:
+        raise ValueError(f"{len(texts)} texts leave none to fit on")
+    order = list(range(len(texts)))
+    random.Random(seed).shuffle(order)
+    held = [texts[i] for i in sorted(order[:n_held])]
+    train = [texts[i] for i in sorted(order[n_held:])]
+
+    d_s, d_t = source.cfg.d_model, target.cfg.d_model
+    fitters = {t: LinearMapFitter(d_s, d_t) for _, t in pairs}
+    for xs, ys in iter_paired_states(source, target, train, pairs, kind,  # type: ignore[arg-type]
+                                     batch_size=batch_size, max_length=max_length,
+                                     progress=progress, desc="fitting maps"):
+        for s, t in pairs:
+            fitters[t].update(xs[s], ys[t])
+    weights, biases = {}, {}
+    for _, t in pairs:
+        weights[t], biases[t] = fitters[t].solve(method, ridge=ridge)
+    result = ResidualMap(
+        layer_pairs=pairs,
+        weights=weights,
+        biases=biases,
+        source=model_provenance(source).to_dict(),
+        target=model_provenance(target).to_dict(),
+        method=method,
+        pairing=kind,
+        target_resid_norms={t: fitters[t].mean_target_norm for _, t in pairs},
+        info={
+            "n_texts_train": len(train),
+            "n_texts_heldout": len(held),
+            "n_pairs_train": fitters[pairs[0][1]].n,
+            "ridge": ridge if method == "ridge" else None,
+            "max_length": max_length,
+            "seed": seed,
+        },
+    )
+    if held:
+        result.metrics = evaluate_map(result, source, target, held, batch_size=batch_size,
+                                      max_length=max_length)
+    return result
+
+
+def evaluate_map(
+    rmap: ResidualMap,
+    source: Any,
+    target: Any,
+    texts: Sequence[str],
+    *,
+    batch_size: int = 16,
+    max_length: int | None = 128,
+) -> dict[int, dict[str, float]]:
+    """Held-out ``R²`` and cosine per target layer, on the map's pairing and at last tokens.
+
+    Returns:
+        ``{target_layer: {"r2", "cosine", "n", "r2_last", "cosine_last", "n_last"}}``.
+    """
+    kinds = [rmap.pairing] if rmap.pairing == "last" else [rmap.pairing, "last"]
+    out: dict[int, dict[str, float]] = {t: {} for _, t in rmap.layer_pairs}
+    for kind in kinds:
+        scorers = {t: MapScorer(rmap.weights[t], rmap.biases[t]) for _, t in rmap.layer_pairs}
+        for xs, ys in iter_paired_states(source, target, texts, rmap.layer_pairs, kind,  # type: ignore[arg-type]
+                                         batch_size=batch_size, max_length=max_length,
+                                         desc="scoring maps"):
+            for s, t in rmap.layer_pairs:
+                scorers[t].update(xs[s], ys[t])
+        suffix = "" if kind == rmap.pairing else "_last"
+        for t, sc in scorers.items():
+            for k, v in sc.result().items():
+                out[t][k + suffix] = v
+    if rmap.pairing == "last":
+        for t in out:
+            out[t].update({k + "_last": v for k, v in list(out[t].items())})
+    return out
+

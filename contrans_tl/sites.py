@@ -1,0 +1,101 @@
+"""Hook names and layer matching between two models.
+
+Layer ``k`` means block ``k`` (0-based) and its output ``blocks.{k}.hook_resid_post``,
+the residual stream the paper's Eq. 1 reads and Eq. 3 writes.
+
+Example:
+    >>> resid_post_name(3)
+    'blocks.3.hook_resid_post'
+    >>> match_layers_by_depth(30, 18)[:3]   # (source layer, target layer)
+    [(1, 0), (3, 1), (5, 2)]
+"""
+
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+__all__ = [
+    "RESID_POST",
+    "resid_post_name",
+    "check_layers",
+    "match_layers_by_depth",
+    "parse_layers",
+]
+
+RESID_POST = "blocks.{layer}.hook_resid_post"
+
+
+def resid_post_name(layer: int) -> str:
+    """The TransformerLens hook name of the residual stream after block ``layer``."""
+    return RESID_POST.format(layer=layer)
+
+
+def check_layers(model_or_n_layers: Any, layers: Iterable[int]) -> list[int]:
+    """Validate layer indices against a model (or a layer count); return them sorted.
+
+    Negative indices count from the end, as in Python.
+
+    Raises:
+        ValueError: no layers, a duplicate, or an index outside ``[-n_layers, n_layers)``.
+    """
+    n = (
+        model_or_n_layers
+        if isinstance(model_or_n_layers, int)
+        else int(model_or_n_layers.cfg.n_layers)
+    )
+    out = []
+    for k in layers:
+        if isinstance(k, bool) or not isinstance(k, int):
+            try:
+                k = int(k)
+            except (TypeError, ValueError):
+                raise TypeError(f"layer indices must be ints, got {k!r}") from None
+        if not -n <= k < n:
+            raise ValueError(f"layer {k} is out of range for a model with {n} layers (0..{n - 1})")
+        out.append(k % n)
+    if not out:
+        raise ValueError("no layers given; pass at least one layer index")
+    if len(set(out)) != len(out):
+        raise ValueError(f"duplicate layers in {sorted(out)}")
+    return sorted(out)
+
+
+def match_layers_by_depth(n_source: int, n_target: int) -> list[tuple[int, int]]:
+    """Pair every target layer with the source layer at the same relative depth.
+
+    Target block ``t`` sits at depth ``(t + 1) / n_target``; its partner is the source
+    block whose depth ``(s + 1) / n_source`` is nearest (ties go deeper). The last
+    blocks always pair with each other.
+
+    Returns:
+        ``[(source_layer, target_layer), ...]`` for every target layer, ascending.
+    """
+    if n_source < 1 or n_target < 1:
+        raise ValueError(f"layer counts must be positive, got {n_source} and {n_target}")
+    pairs = []
+    for t in range(n_target):
+        s = int((t + 1) * n_source / n_target + 0.5) - 1
+        pairs.append((min(max(s, 0), n_source - 1), t))
+    return pairs
+
+
+def parse_layers(spec: str | Sequence[int] | None, n_layers: int) -> list[int] | None:
+    """Parse a layer spec: ``None``/``"all"`` (None), ``"3,5,7"``, ``"4-10"``, or a list."""
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        spec = spec.strip()
+        if spec in ("", "all"):
+            return None
+        out: list[int] = []
+        for part in spec.split(","):
+            part = part.strip()
+            m = re.fullmatch(r"(\d+)-(\d+)", part)
+            try:
+                out.extend(range(int(m[1]), int(m[2]) + 1) if m else [int(part)])
+            except ValueError:
+                raise ValueError(
+                    f"cannot read layer spec {spec!r}: use 'all', '3,5,7' or '4-10'"
+                ) from None
+        return check_layers(n_layers, out)
+    return check_layers(n_layers, spec)

@@ -1,0 +1,345 @@
+"""Adding concept vectors to the residual stream (paper Eq. 3), generation included.
+
+``h_k ← h_k + α · v_k`` at ``blocks.{k}.hook_resid_post`` for each steered layer ``k``.
+The default is a context manager that removes exactly the hooks it added, whatever
+happens inside; :class:`Steering` is the handle when a context manager does not fit;
+:meth:`Steering.hooks` gives a ``fwd_hooks`` list for ``model.run_with_hooks``.
+
+Positions: ``"all"`` (every token, prompt and generated), ``"prompt"`` (prompt tokens
+only) or ``"generated"`` (generated tokens only). These hold under KV caching when
+generating with :func:`generate`, which tells the hooks which absolute positions each
+forward pass covers and where the padding is. On a bare forward pass every token counts
+as prompt; padding positions are never steered when the mask is known.
+
+Example:
+    >>> with steer(model, v_fear, alpha=4.0):
+    ...     logits = model(tokens)
+    >>> texts = generate(model, ["Tell me about your day."], steering=make_steering(
+    ...     model, v_fear, alpha=4.0, positions="generated"), max_new_tokens=20)
+"""
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from contrans_tl.concepts import ConceptVector, check_fits_model
+from contrans_tl.sites import check_layers, resid_post_name
+from contrans_tl.tokens import pad_left
+
+__all__ = [
+    "StepPositions",
+    "PositionState",
+    "Steering",
+    "make_steering",
+    "steer",
+    "steering_hooks",
+    "generate",
+]
+
+StepPositions = Literal["all", "prompt", "generated"]
+_POSITIONS = ("all", "prompt", "generated")
+Scale = Literal["raw", "relative"]
+
+
+@dataclass
+class PositionState:
+    """What steering hooks know about the tokens of the forward pass in progress.
+
+    Attributes:
+        prompt_length: padded length of the prompt; absolute positions below it are
+            prompt, the rest generated. ``None``: every position is prompt.
+        offset: absolute position of the first token of this pass (the KV-cache length).
+        attention_mask: ``[batch, offset + seq]``, 1 on real tokens; ``None``: all real.
+    """
+
+    prompt_length: int | None = None
+    offset: int = 0
+    attention_mask: Tensor | None = None
+
+    def reset(self) -> None:
+        self.prompt_length, self.offset, self.attention_mask = None, 0, None
+
+
+def _addition_hook(
+    delta: Float[Tensor, " d_model"], positions: StepPositions, state: PositionState
+) -> Callable[..., Tensor]:
+    def hook(resid: Tensor, *, hook: Any) -> Tensor:
+        d = delta.to(device=resid.device, dtype=resid.dtype)
+        if positions == "all" and state.attention_mask is None:
+            return resid + d
+        seq = resid.shape[1]
+        absolute = state.offset + torch.arange(seq, device=resid.device)
+        if positions == "all" or (positions == "prompt" and state.prompt_length is None):
+            keep = torch.ones(seq, dtype=torch.bool, device=resid.device)
+        elif positions == "prompt":
+            keep = absolute < state.prompt_length
+        elif state.prompt_length is None:  # "generated" on a bare forward pass
+            keep = torch.zeros(seq, dtype=torch.bool, device=resid.device)
+        else:
+            keep = absolute >= state.prompt_length
+        weight = keep[None, :].expand(resid.shape[0], seq)
+        if state.attention_mask is not None:
+            m = state.attention_mask[:, state.offset : state.offset + seq].to(resid.device)
+            weight = weight & m.bool()
+        return resid + weight[..., None].to(resid.dtype) * d
+
+    return hook
+
+
+class Steering:
+    """Additions to a model's residual stream, ready to attach as hooks.
+
+    Build one with :func:`make_steering`. Attach with ``with steering:`` or
+    :meth:`attach` / :meth:`remove`; or pass :meth:`hooks` to ``run_with_hooks``.
+
+    Attributes:
+        additions: ``{layer: α·v_layer}`` (summed over vectors), float32.
+        positions: which tokens get the additions.
+        state: the :class:`PositionState` shared by this steering's hooks.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        additions: dict[int, Tensor],
+        positions: StepPositions = "all",
+        state: PositionState | None = None,
+    ) -> None:
+        if positions not in _POSITIONS:
+            raise ValueError(f"positions must be one of {_POSITIONS}, got {positions!r}")
+        self.model = model
+        self.additions = additions
+        self.positions: StepPositions = positions
+        self.state = state if state is not None else PositionState()
+        self._handles: list[tuple[Any, Any]] = []
+
+    def hooks(self) -> list[tuple[str, Callable[..., Tensor]]]:
+        """``[(hook_name, fn), ...]`` for ``model.run_with_hooks(fwd_hooks=...)``."""
+        return [
+            (resid_post_name(k), _addition_hook(d, self.positions, self.state))
+            for k, d in sorted(self.additions.items())
+        ]
+
+    def attach(self) -> "Steering":
+        """Add the hooks to the model (idempotent)."""
+        if self._handles:
+            return self
+        try:
+            for name, fn in self.hooks():
+                point = self.model.hook_dict[name]
+                handle = point.add_hook(fn, dir="fwd")
+                self._handles.append((point, handle))
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def remove(self) -> None:
+        """Remove the hooks this steering added, and only those."""
+        while self._handles:
+            point, handle = self._handles.pop()
+            if handle is None:
+                continue
+            handle.hook.remove()
+            point.fwd_hooks[:] = [h for h in point.fwd_hooks if h is not handle]
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def __enter__(self) -> "Steering":
+        return self.attach()
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+def make_steering(
+    model: Any,
+    vectors: ConceptVector | Sequence[ConceptVector],
+    alpha: float | Sequence[float] = 1.0,
+    *,
+    layers: Sequence[int] | None = None,
+    positions: StepPositions = "all",
+    scale: Scale = "raw",
+    strict: bool = True,
+) -> Steering:
+    """Prepare the addition of ``α · v`` at each steered layer (not attached yet).
+
+    Args:
+        model: the TransformerLens model to steer.
+        vectors: one :class:`ConceptVector` or several (their additions are summed,
+            e.g. honesty and fairness at once).
+        alpha: one strength, or one per vector.
+        layers: layers to steer; ``None``: every layer the vector has.
+        positions: ``"all"``, ``"prompt"`` or ``"generated"``.
+        scale: ``"raw"`` adds ``α · v`` (the paper); ``"relative"`` adds
+            ``α · ‖h_k‖ · v / ‖v‖``, with ``‖h_k‖`` the mean residual norm of layer ``k``
+            stored with the vector, so ``α = 0.1`` is a nudge of a tenth of the stream.
+        strict: refuse vectors whose model id or weight processing differ from the model's.
+
+    Raises:
+        ValueError: a vector does not fit the model, a requested layer has no vector,
+            lengths of ``vectors`` and ``alpha`` differ, or ``scale`` is unknown.
+    """
+    vecs = [vectors] if isinstance(vectors, ConceptVector) else list(vectors)
+    alphas = [float(alpha)] * len(vecs) if isinstance(alpha, (int, float)) else list(alpha)
+    if len(alphas) != len(vecs):
+        raise ValueError(f"{len(vecs)} vectors but {len(alphas)} alphas; give one alpha each")
+    if scale not in ("raw", "relative"):
+        raise ValueError(f"scale must be 'raw' or 'relative', got {scale!r}")
+    additions: dict[int, Tensor] = {}
+    for v, a in zip(vecs, alphas):
+        check_fits_model(v.model, model, what=f"concept vector {v.concept!r}", strict=strict)
+        wanted = list(v.layers) if layers is None else check_layers(model, layers)
+        missing = [k for k in wanted if k not in v.layers]
+        if missing:
+            raise ValueError(
+                f"concept vector {v.concept!r} has no vector for layers {missing}; it has "
+                f"{list(v.layers)}"
+            )
+        for k in wanted:
+            row = v[k].float()
+            if scale == "relative":
+                norms = v.metadata.get("resid_norms", {})
+                if str(k) not in norms:
+                    raise ValueError(
+                        f"scale='relative' needs the mean residual norm of layer {k}, which "
+                        f"vector {v.concept!r} does not carry (metadata['resid_norms'])"
+                    )
+                row = row / row.norm().clamp_min(1e-12) * float(norms[str(k)])
+            additions[k] = additions.get(k, torch.zeros_like(row)) + a * row
+    return Steering(model, additions, positions)
+
+
+@contextmanager
+def steer(
+    model: Any,
+    vectors: ConceptVector | Sequence[ConceptVector],
+    alpha: float | Sequence[float] = 1.0,
+    **kwargs: Any,
+) -> Iterator[Steering]:
+    """Context manager: the model is steered inside the block, and not after it.
+
+    Takes the arguments of :func:`make_steering`.
+    """
+    steering = make_steering(model, vectors, alpha, **kwargs)
+    with steering:
+        yield steering
+
+
+def steering_hooks(
+    model: Any,
+    vectors: ConceptVector | Sequence[ConceptVector],
+    alpha: float | Sequence[float] = 1.0,
+    **kwargs: Any,
+) -> list[tuple[str, Callable[..., Tensor]]]:
+    """``fwd_hooks`` for ``model.run_with_hooks``; arguments of :func:`make_steering`."""
+    return make_steering(model, vectors, alpha, **kwargs).hooks()
+
+
+def _device(model: Any) -> torch.device:
+    dev = getattr(getattr(model, "cfg", None), "device", None)
+    return torch.device(dev) if dev is not None else next(model.parameters()).device
+
+
+@torch.no_grad()
+def generate(
+    model: Any,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 32,
+    steering: Steering | None = None,
+    use_cache: bool = True,
+    stop_at_eos: bool = True,
+    batch_size: int = 8,
+    decode: bool = True,
+) -> list[str] | list[list[int]]:
+    """Greedy generation, batched with left padding, optionally steered.
+
+    Prompts are tokenized as the model's tokenizer does by default (BOS where it adds
+    one). With a KV cache, each step feeds only the new token; the steering hooks are told
+    the absolute positions and padding of every pass, so ``positions="prompt"`` and
+    ``"generated"`` mean the same with and without the cache.
+
+    Args:
+        model: a TransformerLens model (``TransformerBridge``) with a tokenizer.
+        prompts: the prompts.
+        max_new_tokens: tokens to generate per prompt.
+        steering: a :class:`Steering` from :func:`make_steering` (attached for the call).
+        use_cache: reuse keys and values (fast); ``False`` reruns the whole sequence.
+        stop_at_eos: stop a row at the tokenizer's EOS token (kept out of the output).
+        batch_size: prompts per batch (sorted by length).
+        decode: return strings (``True``) or lists of new token ids.
+
+    Returns:
+        The continuations, in the order of ``prompts``.
+    """
+    if isinstance(prompts, str):
+        raise TypeError("generate() takes a list of prompts, got one str; wrap it in a list")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    tok = model.tokenizer
+    eos = tok.eos_token_id
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (eos if eos is not None else 0)
+    encoded = [tok(p)["input_ids"] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    results: list[list[int]] = [[] for _ in prompts]
+    state = steering.state if steering is not None else PositionState()
+    device = _device(model)
+    ctx = steering if steering is not None else _nullsteer()
+    with ctx:
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            ids, mask = pad_left([encoded[i] for i in idx], pad)
+            ids, mask = ids.to(device), mask.long().to(device)
+            prompt_len = ids.shape[1]
+            done = torch.zeros(len(idx), dtype=torch.bool, device=device)
+            new: list[Tensor] = []
+            cache = None
+            try:
+                for step in range(max_new_tokens):
+                    state.prompt_length = prompt_len
+                    state.attention_mask = mask
+                    if use_cache and cache is not None:
+                        state.offset = ids.shape[1] - 1
+                        logits, cache = model(ids[:, -1:], attention_mask=mask,
+                                              past_key_values=cache,
+                                              return_type="logits_and_cache")
+                    elif use_cache:
+                        state.offset = 0
+                        logits, cache = model(ids, attention_mask=mask,
+                                              return_type="logits_and_cache")
+                    else:
+                        state.offset = 0
+                        logits = model(ids, attention_mask=mask)
+                    nxt = logits[:, -1].argmax(-1)
+                    nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+                    new.append(nxt)
+                    if stop_at_eos and eos is not None:
+                        done |= nxt == eos
+                    ids = torch.cat([ids, nxt[:, None]], dim=1)
+                    mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                    if bool(done.all()):
+                        break
+            finally:
+                state.reset()
+            gen = torch.stack(new, dim=1).cpu()
+            for r, i in enumerate(idx):
+                row = gen[r].tolist()
+                if stop_at_eos and eos is not None and eos in row:
+                    row = row[: row.index(eos)]
+                results[i] = row
+    if decode:
+        return [tok.decode(r, skip_special_tokens=True) for r in results]
+    return results
+
+
+@contextmanager
+def _nullsteer() -> Iterator[None]:
+    yield None
