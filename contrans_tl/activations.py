@@ -11,6 +11,7 @@ Example:
     torch.Size([2, 640])
 """
 
+import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -93,11 +94,8 @@ def forward_until(
     removed whatever happens.
     """
     device = _model_device(model)
-    with model.hooks(fwd_hooks=hooks):
-        try:
-            model(ids.to(device), attention_mask=mask.to(device).long(), return_type=None)
-        except _StopForward:
-            pass
+    with model.hooks(fwd_hooks=hooks), contextlib.suppress(_StopForward):
+        model(ids.to(device), attention_mask=mask.to(device).long(), return_type=None)
 
 
 def _model_device(model: Any) -> torch.device:
@@ -176,15 +174,17 @@ def iter_resid_post(
             col_t = torch.tensor(cols, dtype=torch.long, device=device)
             captured: dict[int, Tensor] = {}
 
-            def make_hook(layer: int) -> Callable[..., None]:
+            def make_hook(
+                layer: int, store: dict[int, Tensor], rows_: Tensor, cols_: Tensor
+            ) -> Callable[..., None]:
                 def hook(resid: Tensor, *, hook: Any) -> None:
-                    captured[layer] = resid[row_t, col_t].detach().float().cpu()
+                    store[layer] = resid[rows_, cols_].detach().float().cpu()
                     if layer == deepest:
                         raise _StopForward
 
                 return hook
 
-            hooks = [(resid_post_name(k), make_hook(k)) for k in layer_list]
+            hooks = [(resid_post_name(k), make_hook(k, captured, row_t, col_t)) for k in layer_list]
             if rows:
                 forward_until(model, ids, mask, hooks)
             out: dict[int, list[Tensor]] = {}

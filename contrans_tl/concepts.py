@@ -12,6 +12,7 @@ Example:
     >>> v.save("vectors/happiness")  # happiness.safetensors + happiness.json
 """
 
+import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -82,7 +83,9 @@ class ConceptVector:
         try:
             return self.vectors[self.layers.index(layer)]
         except ValueError:
-            raise KeyError(f"no vector for layer {layer}; this one has layers {self.layers}") from None
+            raise KeyError(
+                f"no vector for layer {layer}; this one has layers {self.layers}"
+            ) from None
 
     def norms(self) -> dict[int, float]:
         """L2 norm of each layer's vector."""
@@ -96,17 +99,9 @@ class ConceptVector:
 
     def replace(self, **changes: Any) -> "ConceptVector":
         """A copy with some fields changed (metadata is copied, not shared)."""
-        fields = {
-            "vectors": self.vectors,
-            "layers": self.layers,
-            "model": dict(self.model),
-            "concept": self.concept,
-            "method": self.method,
-            "hook_template": self.hook_template,
-            "metadata": dict(self.metadata),
-        }
-        fields.update(changes)
-        return ConceptVector(**fields)
+        changes.setdefault("model", dict(self.model))
+        changes.setdefault("metadata", dict(self.metadata))
+        return dataclasses.replace(self, **changes)
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write ``path.safetensors`` and ``path.json``."""

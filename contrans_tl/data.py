@@ -38,9 +38,7 @@ def data_dir() -> Path:
     )
 
 
-def wikisplit_sentences(
-    n: int | None = None, *, subset: str = "random2000_seed0"
-) -> list[str]:
+def wikisplit_sentences(n: int | None = None, *, subset: str = "random2000_seed0") -> list[str]:
     """The unsplit sentences (first column) of a WikiSplit subset, in file order.
 
     Args:
@@ -66,6 +64,5 @@ def emotion_scenarios() -> dict[str, list[str]]:
     out = {}
     for e in EMOTIONS:
         items = json.loads((base / f"{e}.json").read_text(encoding="utf-8"))
-        seen: set[str] = set()
-        out[e] = [s for s in items if not (s in seen or seen.add(s))]
+        out[e] = list(dict.fromkeys(items))
     return out

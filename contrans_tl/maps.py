@@ -239,10 +239,12 @@ def iter_paired_states(
         for start in range(0, len(order), chunk_texts):
             idx = order[start : start + chunk_texts]
             pos = [paired_positions(enc_s[i], enc_t[i], pairing) for i in idx]
-            xs = _read_chunk(source, [enc_s[i] for i in idx], [p[0] for p in pos], src_layers,
-                             batch_size)
-            ys = _read_chunk(target, [enc_t[i] for i in idx], [p[1] for p in pos], tgt_layers,
-                             batch_size)
+            xs = _read_chunk(
+                source, [enc_s[i] for i in idx], [p[0] for p in pos], src_layers, batch_size
+            )
+            ys = _read_chunk(
+                target, [enc_t[i] for i in idx], [p[1] for p in pos], tgt_layers, batch_size
+            )
             bar.update(len(idx))
             if next(iter(xs.values())).shape[0]:
                 yield xs, ys
@@ -251,7 +253,10 @@ def iter_paired_states(
 
 
 def _read_chunk(
-    model: Any, encs: list[Encoding], positions: list[list[int]], layers: list[int],
+    model: Any,
+    encs: list[Encoding],
+    positions: list[list[int]],
+    layers: list[int],
     batch_size: int,
 ) -> dict[int, Tensor]:
     per_text: list[dict[int, Tensor]] = [{} for _ in encs]
@@ -302,15 +307,18 @@ class ResidualMap:
                 raise ValueError(f"no weight for target layer {t}")
             shape = (self.source["d_model"], self.target["d_model"])
             if tuple(w.shape) != shape:
-                raise ValueError(f"weight of target layer {t} has shape {tuple(w.shape)}, "
-                                 f"expected {shape} (d_src, d_tgt)")
+                raise ValueError(
+                    f"weight of target layer {t} has shape {tuple(w.shape)}, "
+                    f"expected {shape} (d_src, d_tgt)"
+                )
 
     def source_layer(self, target_layer: int) -> int:
         for s, t in self.layer_pairs:
             if t == target_layer:
                 return s
-        raise KeyError(f"target layer {target_layer} is not mapped; mapped: "
-                       f"{[t for _, t in self.layer_pairs]}")
+        raise KeyError(
+            f"target layer {target_layer} is not mapped; mapped: {[t for _, t in self.layer_pairs]}"
+        )
 
     def map_states(
         self, states: Float[Tensor, "... d_src"], target_layer: int
@@ -319,9 +327,7 @@ class ResidualMap:
         w, b = self.weights[target_layer], self.biases[target_layer]
         return states.to(w.dtype) @ w + b
 
-    def transplant(
-        self, vector: ConceptVector, *, strict: bool = True
-    ) -> ConceptVector:
+    def transplant(self, vector: ConceptVector, *, strict: bool = True) -> ConceptVector:
         """Carry a source-model concept vector into the target model (``v̂ = v F``).
 
         Every target layer whose source layer has a vector gets one.
@@ -351,8 +357,9 @@ class ResidualMap:
             "layer_pairs": [list(p) for p in pairs],
             "map_method": self.method,
             "map_pairing": self.pairing,
-            "resid_norms": {str(t): self.target_resid_norms[t] for _, t in pairs
-                            if t in self.target_resid_norms},
+            "resid_norms": {
+                str(t): self.target_resid_norms[t] for _, t in pairs if t in self.target_resid_norms
+            },
             "source_metadata": {k: v for k, v in vector.metadata.items() if k != "resid_norms"},
         }
         return ConceptVector(
@@ -492,9 +499,17 @@ def fit_residual_map(
 
     d_s, d_t = source.cfg.d_model, target.cfg.d_model
     fitters = {t: LinearMapFitter(d_s, d_t) for _, t in pairs}
-    for xs, ys in iter_paired_states(source, target, train, pairs, kind,  # type: ignore[arg-type]
-                                     batch_size=batch_size, max_length=max_length,
-                                     progress=progress, desc="fitting maps"):
+    for xs, ys in iter_paired_states(
+        source,
+        target,
+        train,
+        pairs,
+        kind,  # type: ignore[arg-type]
+        batch_size=batch_size,
+        max_length=max_length,
+        progress=progress,
+        desc="fitting maps",
+    ):
         for s, t in pairs:
             fitters[t].update(xs[s], ys[t])
     weights, biases = {}, {}
@@ -519,8 +534,9 @@ def fit_residual_map(
         },
     )
     if held:
-        result.metrics = evaluate_map(result, source, target, held, batch_size=batch_size,
-                                      max_length=max_length)
+        result.metrics = evaluate_map(
+            result, source, target, held, batch_size=batch_size, max_length=max_length
+        )
     return result
 
 
@@ -542,9 +558,16 @@ def evaluate_map(
     out: dict[int, dict[str, float]] = {t: {} for _, t in rmap.layer_pairs}
     for kind in kinds:
         scorers = {t: MapScorer(rmap.weights[t], rmap.biases[t]) for _, t in rmap.layer_pairs}
-        for xs, ys in iter_paired_states(source, target, texts, rmap.layer_pairs, kind,  # type: ignore[arg-type]
-                                         batch_size=batch_size, max_length=max_length,
-                                         desc="scoring maps"):
+        for xs, ys in iter_paired_states(
+            source,
+            target,
+            texts,
+            rmap.layer_pairs,
+            kind,  # type: ignore[arg-type]
+            batch_size=batch_size,
+            max_length=max_length,
+            desc="scoring maps",
+        ):
             for s, t in rmap.layer_pairs:
                 scorers[t].update(xs[s], ys[t])
         suffix = "" if kind == rmap.pairing else "_last"
@@ -555,4 +578,3 @@ def evaluate_map(
         for t in out:
             out[t].update({k + "_last": v for k, v in list(out[t].items())})
     return out
-

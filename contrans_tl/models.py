@@ -233,8 +233,8 @@ def model_provenance(model: Any) -> ModelProvenance:
         TypeError: If the model has neither ``contrans_provenance`` nor a usable ``cfg``.
 
     Example:
-        >>> model_provenance(HookedTransformer(cfg)).source
-        'object'
+        >>> model_provenance(load_model("gemma-3-270m")).hub_id
+        'google/gemma-3-270m'
     """
     attached = getattr(model, "contrans_provenance", None)
     if isinstance(attached, ModelProvenance):
@@ -821,8 +821,8 @@ def load_tokenizer(
         OSError: If a hub id cannot be loaded (hub unreachable or id unknown).
 
     Example:
-        >>> load_tokenizer("qwen2.5-coder-0.5b-instruct").vocab_size
-        151643
+        >>> len(load_tokenizer("qwen2.5-coder-0.5b-instruct"))
+        151936
     """
     kind, target = _resolve(name_or_path)
     _check_revision(kind, target, revision)

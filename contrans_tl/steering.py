@@ -74,14 +74,15 @@ def _addition_hook(
             return resid + d
         seq = resid.shape[1]
         absolute = state.offset + torch.arange(seq, device=resid.device)
-        if positions == "all" or (positions == "prompt" and state.prompt_length is None):
+        prompt_length = state.prompt_length
+        if positions == "all" or (positions == "prompt" and prompt_length is None):
             keep = torch.ones(seq, dtype=torch.bool, device=resid.device)
-        elif positions == "prompt":
-            keep = absolute < state.prompt_length
-        elif state.prompt_length is None:  # "generated" on a bare forward pass
+        elif prompt_length is None:  # "generated" on a bare forward pass: nothing is generated
             keep = torch.zeros(seq, dtype=torch.bool, device=resid.device)
+        elif positions == "prompt":
+            keep = absolute < prompt_length
         else:
-            keep = absolute >= state.prompt_length
+            keep = absolute >= prompt_length
         weight = keep[None, :].expand(resid.shape[0], seq)
         if state.attention_mask is not None:
             m = state.attention_mask[:, state.offset : state.offset + seq].to(resid.device)
@@ -303,18 +304,22 @@ def generate(
             new: list[Tensor] = []
             cache = None
             try:
-                for step in range(max_new_tokens):
+                for _step in range(max_new_tokens):
                     state.prompt_length = prompt_len
                     state.attention_mask = mask
                     if use_cache and cache is not None:
                         state.offset = ids.shape[1] - 1
-                        logits, cache = model(ids[:, -1:], attention_mask=mask,
-                                              past_key_values=cache,
-                                              return_type="logits_and_cache")
+                        logits, cache = model(
+                            ids[:, -1:],
+                            attention_mask=mask,
+                            past_key_values=cache,
+                            return_type="logits_and_cache",
+                        )
                     elif use_cache:
                         state.offset = 0
-                        logits, cache = model(ids, attention_mask=mask,
-                                              return_type="logits_and_cache")
+                        logits, cache = model(
+                            ids, attention_mask=mask, return_type="logits_and_cache"
+                        )
                     else:
                         state.offset = 0
                         logits = model(ids, attention_mask=mask)

@@ -147,7 +147,7 @@ def word_end_positions(enc: Encoding) -> dict[int, int]:
         start_of[i] = a
     out: dict[int, int] = {}
     prev_end = 0
-    for w, (ws, we) in enumerate(spans):
+    for w, (_ws, we) in enumerate(spans):
         tok = end_to_token.get(we)
         if tok is not None and start_of[tok] >= prev_end:
             out[w] = tok

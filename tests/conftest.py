@@ -26,10 +26,14 @@ SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 
 
 def _train_tokenizer(kind: str, folder: Path, vocab_size: int) -> PreTrainedTokenizerFast:
-    lines = wikisplit_sentences(600) + [
-        "Scenario: The emotion of the above scenario is happiness sadness anger fear "
-        "disgust surprise."
-    ] * 20
+    lines = (
+        wikisplit_sentences(600)
+        + [
+            "Scenario: The emotion of the above scenario is happiness sadness anger fear "
+            "disgust surprise."
+        ]
+        * 20
+    )
     tk = Tokenizer(models.BPE(unk_token="<unk>"))
     if kind == "byte_bpe":
         tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -50,7 +54,10 @@ def _train_tokenizer(kind: str, folder: Path, vocab_size: int) -> PreTrainedToke
             single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", bos)]
         )
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+        tokenizer_object=tk,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
         unk_token="<unk>",
     )
     fast.save_pretrained(folder)
@@ -70,10 +77,16 @@ def meta_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> PreTrainedTokeni
 def tiny_llama(tokenizer, *, d_model: int = 48, n_layers: int = 3, seed: int = 0, name: str):
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=d_model, intermediate_size=2 * d_model + 8,
-        num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=d_model,
+        intermediate_size=2 * d_model + 8,
+        num_hidden_layers=n_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     model = LlamaForCausalLM(cfg).eval()
     model.config.architectures = ["LlamaForCausalLM"]
@@ -83,10 +96,18 @@ def tiny_llama(tokenizer, *, d_model: int = 48, n_layers: int = 3, seed: int = 0
 def tiny_gemma3(tokenizer, *, d_model: int = 40, n_layers: int = 5, seed: int = 1, name: str):
     torch.manual_seed(seed)
     cfg = Gemma3TextConfig(
-        vocab_size=len(tokenizer), hidden_size=d_model, intermediate_size=72,
-        num_hidden_layers=n_layers, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-        max_position_embeddings=512, sliding_window=512, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=d_model,
+        intermediate_size=72,
+        num_hidden_layers=n_layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=512,
+        sliding_window=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     model = Gemma3ForCausalLM(cfg).eval()
     model.config.architectures = ["Gemma3ForCausalLM"]

@@ -5,7 +5,7 @@ import torch
 
 from contrans_tl.activations import read_resid_post
 from contrans_tl.concepts import ConceptVector, mean_difference
-from contrans_tl.maps import LinearMapFitter, ResidualMap, fit_residual_map, paired_positions
+from contrans_tl.maps import LinearMapFitter, fit_residual_map, paired_positions
 from contrans_tl.sites import match_layers_by_depth, parse_layers, resid_post_name
 from contrans_tl.steering import generate, make_steering, steer
 from contrans_tl.tokens import encode, word_end_positions
@@ -28,6 +28,7 @@ def direct_resid(model, text: str, layer: int) -> torch.Tensor:
 
 # --- sites -----------------------------------------------------------------------------
 
+
 def test_match_layers_by_depth_pairs_last_with_last_and_is_monotone():
     pairs = match_layers_by_depth(30, 18)
     assert len(pairs) == 18 and pairs[-1] == (29, 17)
@@ -48,6 +49,7 @@ def test_parse_layers_forms_and_errors():
 
 # --- activations -----------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("positions", ["last", "all", "word_ends"])
 def test_batched_left_padded_reads_equal_unbatched(small_gemma, positions):
     layers = [1, 3]
@@ -57,7 +59,10 @@ def test_batched_left_padded_reads_equal_unbatched(small_gemma, positions):
             direct = direct_resid(small_gemma, text, k)
             rows = batched.text_index == i
             want = direct[batched.token_index[rows]]
-            torch.testing.assert_close(batched.states[k][rows], want, atol=1e-5, rtol=1e-4)
+            # float32 reduction order differs between batch shapes (~1e-5 of the scale);
+            # a padding or position bug moves states by the order of the scale itself
+            scale = float(want.abs().max())
+            torch.testing.assert_close(batched.states[k][rows], want, atol=1e-4 * scale, rtol=0)
 
 
 def test_last_position_skips_bos_and_all_skips_special(small_gemma):
@@ -84,6 +89,7 @@ def test_read_stops_early_and_reads_only_requested_hooks(small_llama, monkeypatc
 
 # --- word ends -------------------------------------------------------------------------
 
+
 def test_word_ends_pair_the_same_words_across_tokenizers(small_llama, small_gemma):
     text = TEXTS[1]
     e_src = encode(small_llama.tokenizer, [text])[0]
@@ -100,6 +106,7 @@ def test_word_ends_pair_the_same_words_across_tokenizers(small_llama, small_gemm
 
 # --- refine ----------------------------------------------------------------------------
 
+
 def test_mean_difference_equals_direct_means(small_llama):
     pos, neg = TEXTS[:2], TEXTS[2:5]
     v = mean_difference(small_llama, pos, neg, layers=[0, 2], concept="x")
@@ -112,6 +119,7 @@ def test_mean_difference_equals_direct_means(small_llama):
 
 # --- maps ------------------------------------------------------------------------------
 
+
 def test_planted_linear_map_recovered_and_streaming_equals_full_solve():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(500, 12, generator=g, dtype=torch.float64)
@@ -119,8 +127,8 @@ def test_planted_linear_map_recovered_and_streaming_equals_full_solve():
     b = torch.randn(7, generator=g, dtype=torch.float64)
     fit_svd, fit_ridge = LinearMapFitter(12, 7), LinearMapFitter(12, 7)
     for chunk in range(0, 500, 64):  # streaming
-        fit_svd.update(x[chunk:chunk + 64], (x @ a)[chunk:chunk + 64])
-        fit_ridge.update(x[chunk:chunk + 64], (x @ a + b)[chunk:chunk + 64])
+        fit_svd.update(x[chunk : chunk + 64], (x @ a)[chunk : chunk + 64])
+        fit_ridge.update(x[chunk : chunk + 64], (x @ a + b)[chunk : chunk + 64])
     w, bias = fit_svd.solve("svd")
     torch.testing.assert_close(w.double(), a, atol=1e-4, rtol=1e-4)
     assert bias.abs().max() == 0
@@ -131,7 +139,7 @@ def test_planted_linear_map_recovered_and_streaming_equals_full_solve():
     y = x @ a + 0.1 * torch.randn(500, 7, generator=g, dtype=torch.float64)
     fit = LinearMapFitter(12, 7)
     for chunk in range(0, 500, 100):
-        fit.update(x[chunk:chunk + 100], y[chunk:chunk + 100])
+        fit.update(x[chunk : chunk + 100], y[chunk : chunk + 100])
     full = torch.linalg.lstsq(x, y).solution
     torch.testing.assert_close(fit.solve("svd")[0].double(), full, atol=1e-5, rtol=1e-5)
 
@@ -177,13 +185,16 @@ def test_pairing_all_refuses_different_tokenizers(small_llama, small_gemma):
 
 # --- transplant ------------------------------------------------------------------------
 
+
 def _vector(model, layers, seed=0):
     g = torch.Generator().manual_seed(seed)
     from contrans_tl.models import model_provenance
 
     return ConceptVector(
         vectors=torch.randn(len(layers), model.cfg.d_model, generator=g),
-        layers=tuple(layers), model=model_provenance(model).to_dict(), concept="test",
+        layers=tuple(layers),
+        model=model_provenance(model).to_dict(),
+        concept="test",
     )
 
 
@@ -248,10 +259,24 @@ def test_cached_and_uncached_generation_agree(small_gemma, positions):
     v = _vector(small_gemma, [1, 3], seed=3)
     prompts = [TEXTS[0], TEXTS[1], TEXTS[2]]
     s = make_steering(small_gemma, v, 2.0, positions=positions)
-    cached = generate(small_gemma, prompts, max_new_tokens=6, steering=s, use_cache=True,
-                      decode=False, stop_at_eos=False)
-    uncached = generate(small_gemma, prompts, max_new_tokens=6, steering=s, use_cache=False,
-                        decode=False, stop_at_eos=False)
+    cached = generate(
+        small_gemma,
+        prompts,
+        max_new_tokens=6,
+        steering=s,
+        use_cache=True,
+        decode=False,
+        stop_at_eos=False,
+    )
+    uncached = generate(
+        small_gemma,
+        prompts,
+        max_new_tokens=6,
+        steering=s,
+        use_cache=False,
+        decode=False,
+        stop_at_eos=False,
+    )
     assert cached == uncached
     plain = generate(small_gemma, prompts, max_new_tokens=6, decode=False, stop_at_eos=False)
     assert cached != plain  # the steering does something
@@ -260,10 +285,19 @@ def test_cached_and_uncached_generation_agree(small_gemma, positions):
 def test_batched_generation_equals_one_by_one(small_gemma):
     v = _vector(small_gemma, [2], seed=4)
     s = make_steering(small_gemma, v, 2.0, positions="all")
-    together = generate(small_gemma, TEXTS, max_new_tokens=5, steering=s, batch_size=5,
-                        decode=False, stop_at_eos=False)
-    alone = [generate(small_gemma, [t], max_new_tokens=5, steering=s, decode=False,
-                      stop_at_eos=False)[0] for t in TEXTS]
+    together = generate(
+        small_gemma,
+        TEXTS,
+        max_new_tokens=5,
+        steering=s,
+        batch_size=5,
+        decode=False,
+        stop_at_eos=False,
+    )
+    alone = [
+        generate(small_gemma, [t], max_new_tokens=5, steering=s, decode=False, stop_at_eos=False)[0]
+        for t in TEXTS
+    ]
     assert together == alone
 
 
@@ -271,8 +305,9 @@ def test_generated_only_leaves_the_prompt_untouched(small_gemma):
     v = _vector(small_gemma, [0], seed=5)
     s = make_steering(small_gemma, v, 5.0, positions="generated")
     plain = generate(small_gemma, [TEXTS[1]], max_new_tokens=1, decode=False, stop_at_eos=False)
-    steered = generate(small_gemma, [TEXTS[1]], max_new_tokens=1, steering=s, decode=False,
-                       stop_at_eos=False)
+    steered = generate(
+        small_gemma, [TEXTS[1]], max_new_tokens=1, steering=s, decode=False, stop_at_eos=False
+    )
     assert plain == steered  # the first new token is read off the prompt's last position
 
 

@@ -24,6 +24,7 @@ Example:
     >>> preds = task.predict(target, task.queries_for("fear"), steering=None)
 """
 
+import contextlib
 import copy
 import random
 from collections.abc import Mapping, Sequence
@@ -50,8 +51,8 @@ __all__ = [
 
 REFINE_TEMPLATE = "Scenario: {scenario}\nThe emotion of the above scenario is"
 QUERY_TEMPLATE = (
-    "Scenario: {scenario}\nThe emotion (\"happiness\", \"sadness\", \"anger\", \"fear\", "
-    "\"disgust\", \"surprise\") of the above scenario is"
+    'Scenario: {scenario}\nThe emotion ("happiness", "sadness", "anger", "fear", '
+    '"disgust", "surprise") of the above scenario is'
 )
 
 
@@ -75,7 +76,7 @@ class EmotionSplit:
 def split_scenarios(
     scenarios: Mapping[str, Sequence[str]],
     *,
-    n_fewshot: int = 1,
+    n_fewshot: int = 3,
     n_refine: int = 100,
     n_validation: int = 20,
     seed: int = 0,
@@ -88,7 +89,10 @@ def split_scenarios(
         ValueError: an emotion is missing or has too few scenarios for the cuts.
     """
     parts: dict[str, dict[str, list[str]]] = {
-        "fewshot": {}, "refine": {}, "validation": {}, "evaluation": {}
+        "fewshot": {},
+        "refine": {},
+        "validation": {},
+        "evaluation": {},
     }
     for i, e in enumerate(EMOTIONS):
         if e not in scenarios:
@@ -168,9 +172,7 @@ def score(pred: Predictions, emotion: str, emotion_ids: Sequence[int]) -> dict[s
     return {"token_acc": tok, "logit_acc": logit, "n": n}
 
 
-def _logits_at(
-    model: Any, ids: Tensor, mask: Tensor, last: Tensor, **kwargs: Any
-) -> Tensor:
+def _logits_at(model: Any, ids: Tensor, mask: Tensor, last: Tensor, **kwargs: Any) -> Tensor:
     """Logits at one position per row, unembedding only those rows.
 
     The forward pass stops at the final norm (``ln_final.hook_out``); the unembedding is
@@ -186,11 +188,8 @@ def _logits_at(
         got["h"] = x[rows, last]
         raise _StopForward
 
-    with model.hooks(fwd_hooks=[("ln_final.hook_out", grab)]):
-        try:
-            model(ids, attention_mask=mask, return_type=None, **kwargs)
-        except _StopForward:
-            pass
+    with model.hooks(fwd_hooks=[("ln_final.hook_out", grab)]), contextlib.suppress(_StopForward):
+        model(ids, attention_mask=mask, return_type=None, **kwargs)
     return model.unembed(got["h"][:, None, :])[:, 0].float()
 
 
@@ -283,8 +282,9 @@ class EmotionTask:
             cache = None
             if reuse_prefix:
                 state.reset()
-                _, cache = model(torch.tensor([self.prefix_ids], device=dev),
-                                 return_type="logits_and_cache")
+                _, cache = model(
+                    torch.tensor([self.prefix_ids], device=dev), return_type="logits_and_cache"
+                )
             for start in range(0, len(order), batch_size):
                 idx = order[start : start + batch_size]
                 width = max(len(queries[i]) for i in idx)
@@ -297,14 +297,16 @@ class EmotionTask:
                 ids = ids.to(dev)
                 state.attention_mask = mask
                 if reuse_prefix:
+                    assert cache is not None
                     c = copy.deepcopy(cache)
                     c.batch_repeat_interleave(len(idx))
                     state.offset = p
                     last = torch.tensor([len(queries[i]) - 1 for i in idx], device=dev)
                     final = _logits_at(model, ids, mask, last, past_key_values=c)
                 else:
-                    full = torch.cat([torch.tensor([self.prefix_ids] * len(idx), device=dev),
-                                      ids], 1)
+                    full = torch.cat(
+                        [torch.tensor([self.prefix_ids] * len(idx), device=dev), ids], 1
+                    )
                     state.offset = 0
                     last = torch.tensor([p + len(queries[i]) - 1 for i in idx], device=dev)
                     final = _logits_at(model, full, mask, last)
