@@ -74,7 +74,8 @@ def meta_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> PreTrainedTokeni
     return _train_tokenizer("meta_bpe", tmp_path_factory.mktemp("meta_tok"), 900)
 
 
-def tiny_llama(tokenizer, *, d_model: int = 48, n_layers: int = 3, seed: int = 0, name: str):
+def tiny_llama_hf(tokenizer, *, d_model: int = 48, n_layers: int = 3, seed: int = 0):
+    """An un-booted Hugging Face tiny Llama (booting wraps the HF model in place)."""
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -90,10 +91,16 @@ def tiny_llama(tokenizer, *, d_model: int = 48, n_layers: int = 3, seed: int = 0
     )
     model = LlamaForCausalLM(cfg).eval()
     model.config.architectures = ["LlamaForCausalLM"]
+    return model
+
+
+def tiny_llama(tokenizer, *, d_model: int = 48, n_layers: int = 3, seed: int = 0, name: str):
+    model = tiny_llama_hf(tokenizer, d_model=d_model, n_layers=n_layers, seed=seed)
     return boot_bridge(model, tokenizer, model_id=name)
 
 
-def tiny_gemma3(tokenizer, *, d_model: int = 40, n_layers: int = 5, seed: int = 1, name: str):
+def tiny_gemma3_hf(tokenizer, *, d_model: int = 40, n_layers: int = 5, seed: int = 1):
+    """An un-booted Hugging Face tiny Gemma 3."""
     torch.manual_seed(seed)
     cfg = Gemma3TextConfig(
         vocab_size=len(tokenizer),
@@ -111,6 +118,11 @@ def tiny_gemma3(tokenizer, *, d_model: int = 40, n_layers: int = 5, seed: int = 
     )
     model = Gemma3ForCausalLM(cfg).eval()
     model.config.architectures = ["Gemma3ForCausalLM"]
+    return model
+
+
+def tiny_gemma3(tokenizer, *, d_model: int = 40, n_layers: int = 5, seed: int = 1, name: str):
+    model = tiny_gemma3_hf(tokenizer, d_model=d_model, n_layers=n_layers, seed=seed)
     return boot_bridge(model, tokenizer, model_id=name)
 
 
