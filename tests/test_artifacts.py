@@ -25,8 +25,9 @@ def vector(small_llama):
 
 @pytest.fixture(scope="module")
 def rmap(small_llama, small_gemma):
-    return fit_residual_map(small_llama, small_gemma, TEXTS * 6, pairing="word_ends",
-                            heldout_fraction=0.25)
+    return fit_residual_map(
+        small_llama, small_gemma, TEXTS * 6, pairing="word_ends", heldout_fraction=0.25
+    )
 
 
 def test_vector_round_trip(vector, tmp_path):
@@ -44,8 +45,9 @@ def test_map_round_trip_gives_same_transplant(rmap, vector, tmp_path):
     back = ResidualMap.load(tmp_path / "m")
     assert back.layer_pairs == rmap.layer_pairs and back.pairing == "word_ends"
     assert back.metrics.keys() == rmap.metrics.keys()
-    torch.testing.assert_close(back.transplant(vector).vectors, rmap.transplant(vector).vectors,
-                               atol=0, rtol=0)
+    torch.testing.assert_close(
+        back.transplant(vector).vectors, rmap.transplant(vector).vectors, atol=0, rtol=0
+    )
 
 
 def test_no_pickle_on_disk(vector, tmp_path):

@@ -29,8 +29,9 @@ def test_split_parts_are_disjoint_and_deterministic(split):
     again = split_scenarios(emotion_scenarios(), n_fewshot=1, n_refine=20, n_validation=5)
     assert again == split
     for e in EMOTIONS:
-        parts = [set(getattr(split, p)[e]) for p in
-                 ("fewshot", "refine", "validation", "evaluation")]
+        parts = [
+            set(getattr(split, p)[e]) for p in ("fewshot", "refine", "validation", "evaluation")
+        ]
         assert sum(len(p) for p in parts) == len(set().union(*parts))
         assert len(split.refine[e]) == 20 and len(split.evaluation[e]) >= 50
 
@@ -39,8 +40,8 @@ def test_refinement_and_negatives_come_from_the_right_parts(split):
     pos, neg = refinement_prompts(split, "fear")
     assert len(pos) == len(neg) == 20
     refine_other = {s for e in EMOTIONS if e != "fear" for s in split.refine[e]}
-    assert all(p.split("\n")[0][len("Scenario: "):] in split.refine["fear"] for p in pos)
-    assert all(n.split("\n")[0][len("Scenario: "):] in refine_other for n in neg)
+    assert all(p.split("\n")[0][len("Scenario: ") :] in split.refine["fear"] for p in pos)
+    assert all(n.split("\n")[0][len("Scenario: ") :] in refine_other for n in neg)
     evaluated = negatives(split, "fear", 50)
     assert len(evaluated) == 50 and not set(evaluated) & set(split.evaluation["fear"])
     assert not set(evaluated) & {s for e in EMOTIONS for s in split.refine[e]}
@@ -67,13 +68,13 @@ def test_prefix_cache_reuse_equals_full_recompute(small_gemma, split):
     from contrans_tl.concepts import ConceptVector
     from contrans_tl.models import model_provenance
 
-    vec = ConceptVector(v, tuple(range(small_gemma.cfg.n_layers)),
-                        model_provenance(small_gemma).to_dict(), "anger")
+    vec = ConceptVector(
+        v, tuple(range(small_gemma.cfg.n_layers)), model_provenance(small_gemma).to_dict(), "anger"
+    )
     for steering in (None, make_steering(small_gemma, vec, 0.5)):
         fast = task.predict(small_gemma, q, steering=steering, batch_size=3)
         slow = task.predict(small_gemma, q, steering=steering, batch_size=3, reuse_prefix=False)
-        torch.testing.assert_close(fast.emotion_logits, slow.emotion_logits, atol=1e-4,
-                                   rtol=1e-4)
+        torch.testing.assert_close(fast.emotion_logits, slow.emotion_logits, atol=1e-4, rtol=1e-4)
         assert torch.equal(fast.top_token, slow.top_token)
         # and both equal one plain forward pass of prefix + query, one at a time
         for i, qi in enumerate(q):
@@ -81,8 +82,9 @@ def test_prefix_cache_reuse_equals_full_recompute(small_gemma, split):
             ctx = steering if steering is not None else _null()
             with ctx:
                 direct = small_gemma(ids)[0, -1]
-            torch.testing.assert_close(direct[task.emotion_ids], fast.emotion_logits[i],
-                                       atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(
+                direct[task.emotion_ids], fast.emotion_logits[i], atol=1e-4, rtol=1e-4
+            )
         if steering is not None:
             assert not steering.attached
 
@@ -105,7 +107,9 @@ def test_emotion_tokens_must_be_distinct(small_gemma, split, monkeypatch):
             out["input_ids"] = [5] + list(out["input_ids"][1:])
         return out
 
-    monkeypatch.setattr(type(tok), "__call__", lambda self, text, **kw: same_first_token(text, **kw))
+    monkeypatch.setattr(
+        type(tok), "__call__", lambda self, text, **kw: same_first_token(text, **kw)
+    )
     with pytest.raises(ValueError, match="not distinct"):
         EmotionTask.build(small_gemma, split)
 
@@ -139,22 +143,51 @@ def test_cli_end_to_end_on_tiny_models(tmp_path, byte_tokenizer, meta_tokenizer)
     from conftest import tiny_gemma3_hf, tiny_llama_hf
 
     folders = []
-    for name, model, tok in (("src", tiny_llama_hf(byte_tokenizer), byte_tokenizer),
-                             ("tgt", tiny_gemma3_hf(meta_tokenizer), meta_tokenizer)):
+    for name, model, tok in (
+        ("src", tiny_llama_hf(byte_tokenizer), byte_tokenizer),
+        ("tgt", tiny_gemma3_hf(meta_tokenizer), meta_tokenizer),
+    ):
         folder = tmp_path / name
         model.save_pretrained(folder)
         tok.save_pretrained(folder)
         folders.append(str(folder))
     out = tmp_path / "out"
-    code = main(["emotion", "--source", folders[0], "--target", folders[1], "--out", str(out),
-                 "--alphas", "0.5,2", "--n-map-texts", "40", "--n-refine", "8",
-                 "--n-negatives", "5", "--n-validation-negatives", "5", "--pairings",
-                 "last,word_ends", "--layers", "1-3"])
+    code = main(
+        [
+            "emotion",
+            "--source",
+            folders[0],
+            "--target",
+            folders[1],
+            "--out",
+            str(out),
+            "--alphas",
+            "0.5,2",
+            "--n-map-texts",
+            "40",
+            "--n-refine",
+            "8",
+            "--n-negatives",
+            "5",
+            "--n-validation-negatives",
+            "5",
+            "--pairings",
+            "last,word_ends",
+            "--layers",
+            "1-3",
+        ]
+    )
     assert code == 0
     res = json.loads((out / "results.json").read_text())
     methods = {r["method"] for r in res["rows"]}
-    assert methods == {"base", "contrans_last", "contrans_word_ends", "self", "random_last",
-                       "random_word_ends"}
+    assert methods == {
+        "base",
+        "contrans_last",
+        "contrans_word_ends",
+        "self",
+        "random_last",
+        "random_word_ends",
+    }
     for r in res["rows"]:
         assert 0 <= r["token_acc"] <= 1 and 0 <= r["logit_acc"] <= 1
         assert r["n"] == 5

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from contrans_tl.activations import read_resid_post
-from contrans_tl.data import wikisplit_sentences
+from contrans_tl.concepts import mean_difference
+from contrans_tl.data import emotion_scenarios, wikisplit_sentences
 from contrans_tl.evals.emotion import (
     EmotionTask,
     negatives,
@@ -16,8 +17,6 @@ from contrans_tl.evals.emotion import (
     score,
     split_scenarios,
 )
-from contrans_tl.data import emotion_scenarios
-from contrans_tl.concepts import mean_difference
 from contrans_tl.maps import fit_residual_map
 from contrans_tl.models import load_model
 from contrans_tl.sites import resid_post_name
@@ -41,8 +40,7 @@ def test_batched_reads_equal_run_with_cache_on_gemma(gemma):
     reads = read_resid_post(gemma, texts, [3, 17], positions="all", batch_size=6)
     for i, text in enumerate(texts):
         ids = torch.tensor([gemma.tokenizer(text)["input_ids"]])
-        _, cache = gemma.run_with_cache(ids, names_filter=[resid_post_name(3),
-                                                           resid_post_name(17)])
+        _, cache = gemma.run_with_cache(ids, names_filter=[resid_post_name(3), resid_post_name(17)])
         for k in (3, 17):
             want = cache[resid_post_name(k)][0][reads.token_index[reads.text_index == i]]
             got = reads.states[k][reads.text_index == i]
@@ -73,7 +71,10 @@ def test_transplanted_happiness_moves_gemma(smol, gemma):
     task = EmotionTask.build(gemma, split)
     q = task.query_ids(gemma, negatives(split, "happiness", 20, "validation"))
     base = score(task.predict(gemma, q), "happiness", task.emotion_ids)
-    steered = score(task.predict(gemma, q, steering=make_steering(gemma, v_gemma, 1.0)),
-                    "happiness", task.emotion_ids)
+    steered = score(
+        task.predict(gemma, q, steering=make_steering(gemma, v_gemma, 1.0)),
+        "happiness",
+        task.emotion_ids,
+    )
     assert base["token_acc"] <= 0.2
     assert steered["token_acc"] >= base["token_acc"] + 0.4, (base, steered)
