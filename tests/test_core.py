@@ -316,3 +316,30 @@ def test_relative_scale_uses_stored_norms(small_llama):
     s = make_steering(small_llama, v, 0.5, scale="relative")
     for k, d in s.additions.items():
         assert float(d.norm()) == pytest.approx(0.5 * v.metadata["resid_norms"][str(k)], rel=1e-5)
+
+
+def test_position_semantics_exactly(small_llama):
+    """Which absolute positions get the vector, for each mode, on a full pass and on one
+    cached step, with left padding in row 0."""
+    from contrans_tl.steering import PositionState, _addition_hook
+
+    d = torch.ones(4)
+    mask = torch.tensor([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])  # row 0: one pad
+    prompt_len = 4  # padded prompt: positions 0..3; generated: 4, 5
+
+    def steered(positions, offset, seq):
+        state = PositionState(prompt_length=prompt_len, offset=offset, attention_mask=mask)
+        out = _addition_hook(d, positions, state)(torch.zeros(2, seq, 4), hook=None)
+        return out[..., 0].long().tolist()
+
+    assert steered("all", 0, 6) == [[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]]
+    assert steered("prompt", 0, 6) == [[0, 1, 1, 1, 0, 0], [1, 1, 1, 1, 0, 0]]
+    assert steered("generated", 0, 6) == [[0, 0, 0, 0, 1, 1], [0, 0, 0, 0, 1, 1]]
+    # cached step feeding the first generated token (absolute position 4)
+    assert steered("generated", 4, 1) == [[1], [1]]
+    assert steered("prompt", 4, 1) == [[0], [0]]
+    # a bare forward pass (no state): everything is prompt
+    bare = _addition_hook(d, "generated", PositionState())(torch.zeros(1, 3, 4), hook=None)
+    assert bare.abs().sum() == 0
+    bare = _addition_hook(d, "prompt", PositionState())(torch.zeros(1, 3, 4), hook=None)
+    assert bare[..., 0].tolist() == [[1.0, 1.0, 1.0]]
