@@ -78,3 +78,14 @@ def test_transplanted_happiness_moves_gemma(smol, gemma):
     )
     assert base["token_acc"] <= 0.2
     assert steered["token_acc"] >= base["token_acc"] + 0.4, (base, steered)
+
+
+def test_prefix_cache_reuse_equals_recompute_on_gemma(gemma):
+    """Gemma 3 mixes sliding-window and global layers; the prefilled cache must still match."""
+    split = split_scenarios(emotion_scenarios())
+    task = EmotionTask.build(gemma, split)
+    q = task.query_ids(gemma, negatives(split, "fear", 4, "validation"))
+    fast = task.predict(gemma, q, batch_size=2)
+    slow = task.predict(gemma, q, batch_size=2, reuse_prefix=False)
+    torch.testing.assert_close(fast.emotion_logits, slow.emotion_logits, atol=2e-3, rtol=1e-4)
+    assert torch.equal(fast.top_token, slow.top_token)

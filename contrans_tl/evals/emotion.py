@@ -47,6 +47,7 @@ __all__ = [
     "EmotionTask",
     "Predictions",
     "score",
+    "prefill_cache",
 ]
 
 REFINE_TEMPLATE = "Scenario: {scenario}\nThe emotion of the above scenario is"
@@ -191,6 +192,27 @@ def _logits_at(model: Any, ids: Tensor, mask: Tensor, last: Tensor, **kwargs: An
     with model.hooks(fwd_hooks=[("ln_final.hook_out", grab)]), contextlib.suppress(_StopForward):
         model(ids, attention_mask=mask, return_type=None, **kwargs)
     return model.unembed(got["h"][:, None, :])[:, 0].float()
+
+
+def prefill_cache(model: Any, ids: Tensor) -> Any:
+    """The KV cache of ``ids`` without computing any logits.
+
+    An empty Hugging Face ``DynamicCache`` is filled in place by the forward pass, which
+    stops at the final norm: the unembedding (262k columns for Gemma) never runs.
+    """
+    from transformers import DynamicCache
+
+    hf_config = getattr(getattr(model, "original_model", None), "config", None)
+    if hf_config is None or "ln_final.hook_out" not in model.hook_dict:
+        return model(ids, return_type="logits_and_cache")[1]
+    cache = DynamicCache(config=hf_config)
+
+    def stop(x: Tensor, *, hook: Any) -> None:
+        raise _StopForward
+
+    with model.hooks(fwd_hooks=[("ln_final.hook_out", stop)]), contextlib.suppress(_StopForward):
+        model(ids, past_key_values=cache, return_type=None)
+    return cache
 
 
 @dataclass
