@@ -74,13 +74,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "emotion":
         from contrans_tl.evals.emotion_run import run_emotion_experiment
+        from contrans_tl.maps import PAIRINGS
         from contrans_tl.models import load_model
         from contrans_tl.sites import parse_layers
 
+        pairings = [x.strip() for x in args.pairings.split(",") if x.strip()]
+        bad = [x for x in pairings if x not in PAIRINGS]
+        if bad or not pairings:
+            print(
+                f"contrans emotion: --pairings takes a comma list of {', '.join(PAIRINGS)}; "
+                f"got {args.pairings!r}",
+                file=sys.stderr,
+            )
+            return 2
         target = load_model(args.target)
         source = load_model(args.source)
         layers = parse_layers(args.layers, target.cfg.n_layers)
-        pairings = [x.strip() for x in args.pairings.split(",") if x.strip()]
         command = "python -m contrans_tl " + " ".join(
             shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
         )

@@ -39,6 +39,7 @@ from contrans_tl.tokens import Encoding, encode, word_end_positions
 
 __all__ = [
     "Pairing",
+    "PAIRINGS",
     "MapMethod",
     "LinearMapFitter",
     "MapScorer",
@@ -51,7 +52,8 @@ __all__ = [
 
 Pairing = Literal["auto", "last", "all", "word_ends"]
 MapMethod = Literal["svd", "ridge"]
-_PAIRINGS = ("auto", "last", "all", "word_ends")
+PAIRINGS = ("auto", "last", "all", "word_ends")
+_PAIRINGS = PAIRINGS
 _METHODS = ("svd", "ridge")
 
 

@@ -32,7 +32,7 @@ from contrans_tl.evals.emotion import (
     split_scenarios,
 )
 from contrans_tl.io import write_json
-from contrans_tl.maps import fit_residual_map
+from contrans_tl.maps import PAIRINGS, MapMethod, Pairing, fit_residual_map
 from contrans_tl.models import model_provenance
 from contrans_tl.steering import make_steering
 
@@ -60,8 +60,8 @@ def run_emotion_experiment(
     *,
     alphas: Sequence[float] = (0.05, 0.1, 0.2, 0.4, 0.8),
     layers: Sequence[int] | None = None,
-    pairings: Sequence[str] = ("last", "word_ends"),
-    map_method: str = "svd",
+    pairings: Sequence[Pairing] = ("last", "word_ends"),
+    map_method: MapMethod = "svd",
     n_map_texts: int = 2000,
     n_refine: int = 100,
     n_negatives: int = 50,
@@ -100,6 +100,9 @@ def run_emotion_experiment(
     alphas = sorted({float(a) for a in alphas if float(a) > 0})
     if not alphas:
         raise ValueError("give at least one alpha > 0 (alpha 0 is always run as 'base')")
+    bad = [p for p in pairings if p not in PAIRINGS]
+    if bad or not pairings:
+        raise ValueError(f"pairings must be a non-empty list of {PAIRINGS}, got {list(pairings)}")
     split = split_scenarios(emotion_scenarios(), n_refine=n_refine, seed=seed)
     _log(f"split sizes {split.sizes()['evaluation']} (evaluation)")
 
@@ -118,11 +121,11 @@ def run_emotion_experiment(
             source,
             target,
             texts,
-            pairing=p,  # type: ignore[arg-type]
+            pairing=p,
             method=map_method,
             batch_size=batch_size,
             seed=seed,
-        )  # type: ignore[arg-type]
+        )
         maps_info[p] = {
             "pairing": rmap.pairing,
             "method": rmap.method,
