@@ -42,6 +42,13 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _normal_mode(path: str | os.PathLike[str]) -> None:
+    """Give a temporary file the mode a plain ``open(..., "w")`` would (mkstemp uses 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def write_json(path: str | os.PathLike[str], data: Any) -> Path:
     """Write ``data`` as indented JSON through a temporary file (atomic replace)."""
     path = Path(path)
@@ -51,6 +58,7 @@ def write_json(path: str | os.PathLike[str], data: Any) -> Path:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=2, sort_keys=False)
             f.write("\n")
+        _normal_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -79,6 +87,7 @@ def save_artifact(
         save_file(clean, tmp_st, metadata={"kind": str(meta["kind"])})
         full = {"format_version": FORMAT_VERSION, **meta, "tensors_sha256": _sha256(Path(tmp_st))}
         json.dumps(full)  # fail before anything is moved into place
+        _normal_mode(tmp_st)
         os.replace(tmp_st, st_path)
     except BaseException:
         Path(tmp_st).unlink(missing_ok=True)
