@@ -48,6 +48,12 @@ def _build_parser() -> argparse.ArgumentParser:
     e.add_argument("--map-method", default="svd", choices=["svd", "ridge"])
     e.add_argument("--n-map-texts", type=int, default=2000)
     e.add_argument("--n-refine", type=int, default=100)
+    e.add_argument(
+        "--n-fewshot",
+        type=int,
+        default=3,
+        help="solved examples per emotion in the few-shot prefix",
+    )
     e.add_argument("--n-negatives", type=int, default=50)
     e.add_argument("--n-validation-negatives", type=int, default=30)
     e.add_argument("--batch-size", type=int, default=16)
@@ -103,6 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             map_method=args.map_method,
             n_map_texts=args.n_map_texts,
             n_refine=args.n_refine,
+            n_fewshot=args.n_fewshot,
             n_negatives=args.n_negatives,
             n_validation_negatives=args.n_validation_negatives,
             batch_size=args.batch_size,

@@ -64,6 +64,7 @@ def run_emotion_experiment(
     map_method: MapMethod = "svd",
     n_map_texts: int = 2000,
     n_refine: int = 100,
+    n_fewshot: int = 3,
     n_negatives: int = 50,
     n_validation_negatives: int = 30,
     batch_size: int = 16,
@@ -84,6 +85,7 @@ def run_emotion_experiment(
         map_method: ``"svd"`` (paper) or ``"ridge"``.
         n_map_texts: WikiSplit sentences for the maps (10% held out for R²).
         n_refine: refinement scenarios per emotion (and as many negatives).
+        n_fewshot: solved examples per emotion in the few-shot prefix.
         n_negatives: evaluation negatives per emotion.
         n_validation_negatives: validation negatives per emotion (pick α).
         batch_size: prompts per forward pass.
@@ -103,7 +105,7 @@ def run_emotion_experiment(
     bad = [p for p in pairings if p not in PAIRINGS]
     if bad or not pairings:
         raise ValueError(f"pairings must be a non-empty list of {PAIRINGS}, got {list(pairings)}")
-    split = split_scenarios(emotion_scenarios(), n_refine=n_refine, seed=seed)
+    split = split_scenarios(emotion_scenarios(), n_fewshot=n_fewshot, n_refine=n_refine, seed=seed)
     _log(f"split sizes {split.sizes()['evaluation']} (evaluation)")
 
     prompts = {e: refinement_prompts(split, e) for e in EMOTIONS}
