@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerates experiments/results/emotion/*/results.{json,md} (issue 3).
-# Usage: bash experiments/run_emotion.sh [gemma|qwen|all]   (CPU: ~45 min each, one core each)
+# Usage: bash experiments/run_emotion.sh [gemma|qwen|qwen-fine|all]   (CPU: 45-75 min each)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 which="${1:-all}"
@@ -20,4 +20,14 @@ if [[ "$which" == qwen || "$which" == all ]]; then
     --out experiments/results/emotion/qwen2.5-coder-0.5b-instruct__qwen2.5-coder-1.5b-instruct \
     --pairings all --alphas 0.25,1,4 --n-map-texts 500 \
     --n-negatives 20 --n-validation-negatives 10 --batch-size 8
+fi
+if [[ "$which" == qwen-fine || "$which" == all ]]; then
+  # Second Qwen run: the first grid (0.25, 1, 4) jumps from the best Token Acc (alpha 1) to
+  # collapse (alpha 4); this one samples between them. Same splits, seed and map settings;
+  # Self is in the first run.
+  python -m contrans_tl emotion --source qwen2.5-coder-0.5b-instruct \
+    --target qwen2.5-coder-1.5b-instruct \
+    --out experiments/results/emotion/qwen2.5-coder-0.5b-instruct__qwen2.5-coder-1.5b-instruct__alpha-1.5-3 \
+    --pairings all --alphas 1.5,2,3 --n-map-texts 500 \
+    --n-negatives 20 --n-validation-negatives 10 --batch-size 8 --no-self
 fi
