@@ -21,8 +21,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from contrans_tl.sites import check_layers, resid_post_name
-from contrans_tl.tokens import Encoding, encode, pad_left, word_end_positions
+from contrans_tl.sites import check_layers, model_device, resid_post_name
+from contrans_tl.tokens import Encoding, encode, pad_left, pad_token_id, word_end_positions
 
 __all__ = [
     "Positions",
@@ -93,24 +93,9 @@ def forward_until(
     Hooks may raise :class:`_StopForward` once they have what they need; the hooks are
     removed whatever happens.
     """
-    device = _model_device(model)
+    device = model_device(model)
     with model.hooks(fwd_hooks=hooks), contextlib.suppress(_StopForward):
         model(ids.to(device), attention_mask=mask.to(device).long(), return_type=None)
-
-
-def _model_device(model: Any) -> torch.device:
-    cfg_device = getattr(getattr(model, "cfg", None), "device", None)
-    if cfg_device is not None:
-        return torch.device(cfg_device)
-    return next(model.parameters()).device
-
-
-def _pad_id(model: Any) -> int:
-    tok = model.tokenizer
-    for cand in (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id, 0):
-        if cand is not None:
-            return int(cand)
-    return 0
 
 
 def iter_resid_post(
@@ -153,7 +138,7 @@ def iter_resid_post(
         if bad:
             raise ValueError(f"text {i} has {len(enc)} tokens; positions {bad} are out of range")
     order = sorted(range(len(encodings)), key=lambda i: -len(encodings[i]))
-    pad = _pad_id(model)
+    pad = pad_token_id(model.tokenizer)
     show = len(encodings) > 256 if progress is None else progress
     bar = tqdm(total=len(encodings), desc=desc, disable=not show, leave=False)
     try:
@@ -169,7 +154,7 @@ def iter_resid_post(
                 rows.extend([r] * len(positions[i]))
                 cols.extend(p + shift for p in positions[i])
                 counts.append(len(positions[i]))
-            device = _model_device(model)
+            device = model_device(model)
             row_t = torch.tensor(rows, dtype=torch.long, device=device)
             col_t = torch.tensor(cols, dtype=torch.long, device=device)
             captured: dict[int, Tensor] = {}

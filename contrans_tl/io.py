@@ -21,7 +21,14 @@ from typing import Any
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-__all__ = ["FORMAT_VERSION", "artifact_paths", "save_artifact", "load_artifact", "write_json"]
+__all__ = [
+    "FORMAT_VERSION",
+    "artifact_paths",
+    "save_artifact",
+    "load_artifact",
+    "write_json",
+    "sha256_file",
+]
 
 FORMAT_VERSION = 1
 
@@ -34,9 +41,10 @@ def artifact_paths(path: str | os.PathLike[str]) -> tuple[Path, Path]:
     return p.with_name(p.name + ".safetensors"), p.with_name(p.name + ".json")
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
-    with path.open("rb") as f:
+    with Path(path).open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
@@ -85,7 +93,11 @@ def save_artifact(
     os.close(fd)
     try:
         save_file(clean, tmp_st, metadata={"kind": str(meta["kind"])})
-        full = {"format_version": FORMAT_VERSION, **meta, "tensors_sha256": _sha256(Path(tmp_st))}
+        full = {
+            "format_version": FORMAT_VERSION,
+            **meta,
+            "tensors_sha256": sha256_file(Path(tmp_st)),
+        }
         json.dumps(full)  # fail before anything is moved into place
         _normal_mode(tmp_st)
         os.replace(tmp_st, st_path)
@@ -120,7 +132,7 @@ def load_artifact(
         )
     if kind is not None and meta.get("kind") != kind:
         raise ValueError(f"{json_path} holds a {meta.get('kind')!r}, expected a {kind!r}")
-    actual = _sha256(st_path)
+    actual = sha256_file(st_path)
     if actual != meta.get("tensors_sha256"):
         raise ValueError(
             f"{st_path} does not match its JSON (sha256 {actual[:12]}..., recorded "

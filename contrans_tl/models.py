@@ -57,6 +57,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from contrans_tl.io import sha256_file
+
 __all__ = [
     "CACHE_ENV_VAR",
     "SOURCES",
@@ -407,14 +409,6 @@ def _zoo_folder(name: str) -> Path:
     return cache_dir() / "zoo" / name
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(_BLOCK):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -600,7 +594,7 @@ def zoo_gguf_path(name: str, *, install: bool = True) -> Path:
         path = _part_paths(entry, install)[0]
         if not _marker_matches(marker, path, entry.sha256):
             _log(f"checking sha256 of {path} (once)")
-            actual = _sha256_file(path)
+            actual = sha256_file(path)
             if actual != entry.sha256:
                 raise ValueError(
                     f"sha256 mismatch for zoo model {name!r} file {path}: expected "
@@ -613,7 +607,7 @@ def zoo_gguf_path(name: str, *, install: bool = True) -> Path:
     if dest.is_file():
         if _marker_matches(marker, dest, entry.sha256):
             return dest
-        if _sha256_file(dest) == entry.sha256:
+        if sha256_file(dest) == entry.sha256:
             _write_marker(marker, dest, entry.sha256)
             return dest
         _log(f"{dest} has the wrong sha256; joining it again")
@@ -913,7 +907,7 @@ def load_hf_model(
     elif kind == "gguf":
         path = Path(target)
         _log(f"hashing and dequantizing {path} (use a zoo name or a saved folder to skip this)")
-        info["file_sha256"] = _sha256_file(path)
+        info["file_sha256"] = sha256_file(path)
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     else:

@@ -14,12 +14,15 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import torch
+
 __all__ = [
     "RESID_POST",
     "resid_post_name",
     "check_layers",
     "match_layers_by_depth",
     "parse_layers",
+    "model_device",
 ]
 
 RESID_POST = "blocks.{layer}.hook_resid_post"
@@ -99,3 +102,9 @@ def parse_layers(spec: str | Sequence[int] | None, n_layers: int) -> list[int] |
                 ) from None
         return check_layers(n_layers, out)
     return check_layers(n_layers, spec)
+
+
+def model_device(model: Any) -> torch.device:
+    """The device a model runs on (``cfg.device``, else that of its first parameter)."""
+    dev = getattr(getattr(model, "cfg", None), "device", None)
+    return torch.device(dev) if dev is not None else next(model.parameters()).device

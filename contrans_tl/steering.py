@@ -28,8 +28,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from contrans_tl.concepts import ConceptVector, check_fits_model
-from contrans_tl.sites import check_layers, resid_post_name
-from contrans_tl.tokens import pad_left
+from contrans_tl.sites import check_layers, model_device, resid_post_name
+from contrans_tl.tokens import pad_left, pad_token_id
 
 __all__ = [
     "StepPositions",
@@ -39,6 +39,7 @@ __all__ = [
     "steer",
     "steering_hooks",
     "generate",
+    "steering_session",
 ]
 
 StepPositions = Literal["all", "prompt", "generated"]
@@ -219,6 +220,27 @@ def make_steering(
 
 
 @contextmanager
+def steering_session(steering: "Steering | None") -> Iterator[PositionState]:
+    """Attach ``steering`` for a block (unless the caller already has) and yield its state.
+
+    Evaluation loops set ``offset``/``attention_mask``/``prompt_length`` on the yielded
+    :class:`PositionState`; it is reset afterwards, and a steering attached here is
+    removed, one attached by the caller is left attached. ``None`` yields a fresh state.
+    """
+    if steering is None:
+        yield PositionState()
+        return
+    attached_here = not steering.attached
+    steering.attach()
+    try:
+        yield steering.state
+    finally:
+        steering.state.reset()
+        if attached_here:
+            steering.remove()
+
+
+@contextmanager
 def steer(
     model: Any,
     vectors: ConceptVector | Sequence[ConceptVector],
@@ -242,11 +264,6 @@ def steering_hooks(
 ) -> list[tuple[str, Callable[..., Tensor]]]:
     """``fwd_hooks`` for ``model.run_with_hooks``; arguments of :func:`make_steering`."""
     return make_steering(model, vectors, alpha, **kwargs).hooks()
-
-
-def _device(model: Any) -> torch.device:
-    dev = getattr(getattr(model, "cfg", None), "device", None)
-    return torch.device(dev) if dev is not None else next(model.parameters()).device
 
 
 @torch.no_grad()
@@ -287,12 +304,12 @@ def generate(
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     tok = model.tokenizer
     eos = tok.eos_token_id
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (eos if eos is not None else 0)
+    pad = pad_token_id(tok)
     encoded = [tok(p)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     results: list[list[int]] = [[] for _ in prompts]
     state = steering.state if steering is not None else PositionState()
-    device = _device(model)
+    device = model_device(model)
     ctx = steering if steering is not None else _nullsteer()
     with ctx:
         for start in range(0, len(order), batch_size):

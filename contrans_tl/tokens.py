@@ -26,6 +26,7 @@ __all__ = [
     "word_spans",
     "word_end_positions",
     "pad_left",
+    "pad_token_id",
 ]
 
 _WORD = re.compile(r"\S+")
@@ -174,3 +175,18 @@ def pad_left(
         ids[r, width - len(s) :] = torch.tensor(list(s), dtype=torch.long)
         mask[r, width - len(s) :] = True
     return ids, mask
+
+
+def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id to pad with: the pad token, else EOS, else BOS, else 0.
+
+    Padded positions are always masked out, so any valid id works.
+    """
+    for cand in (
+        getattr(tokenizer, "pad_token_id", None),
+        getattr(tokenizer, "eos_token_id", None),
+        getattr(tokenizer, "bos_token_id", None),
+    ):
+        if cand is not None:
+            return int(cand)
+    return 0

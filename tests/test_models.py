@@ -316,7 +316,7 @@ def test_zoo_join_and_verify(fake_site: Path, monkeypatch: pytest.MonkeyPatch) -
     assert sorted(p.name for p in path.parent.iterdir()) == ["fake.gguf", "gguf_verified.json"]
     # A second call neither joins nor rehashes.
     monkeypatch.setattr(models, "_join_parts", _must_not_be_called)
-    monkeypatch.setattr(models, "_sha256_file", _must_not_be_called)
+    monkeypatch.setattr(models, "sha256_file", _must_not_be_called)
     assert zoo_gguf_path(entry.name, install=False) == path
 
 
@@ -359,13 +359,13 @@ def test_zoo_single_part_is_used_in_place(fake_site: Path, monkeypatch: pytest.M
     marker = models.cache_dir() / "zoo" / entry.name / "gguf_verified.json"
     assert json.loads(marker.read_text())["sha256"] == entry.sha256
     calls: list[Path] = []
-    real_sha = models._sha256_file
+    real_sha = models.sha256_file
 
     def counting_sha(p: Path) -> str:
         calls.append(p)
         return real_sha(p)
 
-    monkeypatch.setattr(models, "_sha256_file", counting_sha)
+    monkeypatch.setattr(models, "sha256_file", counting_sha)
     zoo_gguf_path(entry.name, install=False)
     assert calls == []  # remembered by the marker
     st = path.stat()

@@ -50,7 +50,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from contrans_tl.tokens import pad_left
+from contrans_tl.sites import model_device
+from contrans_tl.tokens import pad_left, pad_token_id
 
 __all__ = [
     "proxy_logits",
@@ -188,11 +189,6 @@ def check_same_vocabulary(*models: Any) -> None:
             )
 
 
-def _device(model: Any) -> torch.device:
-    dev = getattr(getattr(model, "cfg", None), "device", None)
-    return torch.device(dev) if dev is not None else next(model.parameters()).device
-
-
 def _check_prompts(prompts: Sequence[str], fn: str) -> None:
     if isinstance(prompts, str):
         raise TypeError(f"{fn}() takes a list of prompts, got one str; wrap it in a list")
@@ -252,11 +248,11 @@ def proxy_generate(
     check_same_vocabulary(*models)
     tok = strong.tokenizer
     eos = tok.eos_token_id
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (eos if eos is not None else 0)
+    pad = pad_token_id(tok)
     encoded = [tok(p)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     results: list[list[int]] = [[] for _ in prompts]
-    devices = [_device(m) for m in models]
+    devices = [model_device(m) for m in models]
     out_device = devices[0]
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
@@ -375,8 +371,8 @@ def proxy_sequence_logprobs(
         if bad:
             raise ValueError(f"pair {i} holds token ids outside [0, {d_vocab}): {bad[:5]}")
     tok = strong.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    devices = [_device(m) for m in models]
+    pad = pad_token_id(tok)
+    devices = [model_device(m) for m in models]
     out_device = devices[0]
     order = sorted(range(len(pairs)), key=lambda i: -sum(map(len, pairs[i])))
     results = [0.0] * len(pairs)

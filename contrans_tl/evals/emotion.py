@@ -36,7 +36,9 @@ from torch import Tensor
 
 from contrans_tl.activations import _StopForward
 from contrans_tl.data import EMOTIONS
-from contrans_tl.steering import PositionState, Steering
+from contrans_tl.sites import model_device
+from contrans_tl.steering import Steering, steering_session
+from contrans_tl.tokens import pad_token_id
 
 __all__ = [
     "REFINE_TEMPLATE",
@@ -289,24 +291,18 @@ class EmotionTask:
             reuse_prefix: compute the prefix's KV cache once and reuse it (fast); ``False``
                 runs prefix + query for every query (the reference the fast path must match).
         """
-        state = steering.state if steering is not None else PositionState()
-        dev = torch.device(getattr(model.cfg, "device", None) or "cpu")
+        dev = model_device(model)
         order = sorted(range(len(queries)), key=lambda i: -len(queries[i]))
         top = torch.empty(len(queries), dtype=torch.long)
         emo = torch.empty(len(queries), len(EMOTIONS))
         emo_idx = torch.tensor(self.emotion_ids, device=dev)
-        pad = model.tokenizer.pad_token_id or 0
+        pad = pad_token_id(model.tokenizer)
         p = len(self.prefix_ids)
-        attached_here = steering is not None and not steering.attached
-        if steering is not None:
-            steering.attach()
-        try:
+        with steering_session(steering) as state:
             cache = None
             if reuse_prefix:
                 state.reset()
-                _, cache = model(
-                    torch.tensor([self.prefix_ids], device=dev), return_type="logits_and_cache"
-                )
+                cache = prefill_cache(model, torch.tensor([self.prefix_ids], device=dev))
             for start in range(0, len(order), batch_size):
                 idx = order[start : start + batch_size]
                 width = max(len(queries[i]) for i in idx)
@@ -334,8 +330,4 @@ class EmotionTask:
                     final = _logits_at(model, full, mask, last)
                 top[idx] = final.argmax(-1).cpu()
                 emo[idx] = final[:, emo_idx].cpu()
-        finally:
-            state.reset()
-            if steering is not None and attached_here:
-                steering.remove()
         return Predictions(top_token=top, emotion_logits=emo)

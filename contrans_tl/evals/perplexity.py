@@ -11,46 +11,18 @@ Example:
     >>> steered = perplexity(tgt, texts, steering=make_steering(tgt, v_tgt, alpha=4.0))["ppl"]
 """
 
-import contextlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from contrans_tl.data import wikisplit_sentences
-from contrans_tl.steering import PositionState, Steering
-from contrans_tl.tokens import pad_left
+from contrans_tl.sites import model_device
+from contrans_tl.steering import Steering, steering_session
+from contrans_tl.tokens import pad_left, pad_token_id
 
 __all__ = ["perplexity", "heldout_wikisplit"]
-
-
-def _device(model: Any) -> torch.device:
-    dev = getattr(getattr(model, "cfg", None), "device", None)
-    return torch.device(dev) if dev is not None else next(model.parameters()).device
-
-
-def _pad_id(tok: Any) -> int:
-    for cand in (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None)):
-        if cand is not None:
-            return int(cand)
-    return 0
-
-
-@contextlib.contextmanager
-def _attached(steering: Steering | None) -> Iterator[PositionState]:
-    """Attach ``steering`` for the block unless it already is; reset its state after."""
-    if steering is None:
-        yield PositionState()
-        return
-    here = not steering.attached
-    steering.attach()
-    try:
-        yield steering.state
-    finally:
-        steering.state.reset()
-        if here:
-            steering.remove()
 
 
 @torch.no_grad()
@@ -111,12 +83,12 @@ def perplexity(
     ]
     if all(len(e) < 2 for e in encoded):
         raise ValueError("no text has two tokens; there is nothing to predict")
-    dev = _device(model)
-    pad = _pad_id(tok)
+    dev = model_device(model)
+    pad = pad_token_id(tok)
     nll = [0.0] * len(texts)
     counts = [max(len(e) - 1, 0) for e in encoded]
     order = sorted((i for i in range(len(texts)) if counts[i] > 0), key=lambda i: -len(encoded[i]))
-    with _attached(steering) as state:
+    with steering_session(steering) as state:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             ids, mask = pad_left([encoded[i] for i in idx], pad)

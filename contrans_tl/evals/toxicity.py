@@ -38,7 +38,6 @@ Example:
 """
 
 import functools
-import hashlib
 import importlib
 import importlib.util
 import json
@@ -58,7 +57,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from contrans_tl.data import data_dir
-from contrans_tl.io import artifact_paths, load_artifact, save_artifact
+from contrans_tl.io import artifact_paths, load_artifact, save_artifact, sha256_file
 
 __all__ = [
     "TOXIC_THRESHOLD",
@@ -270,14 +269,6 @@ def _subsample(examples: Sequence[ToxigenExample], n: int, seed: int) -> list[To
     return [examples[i] for i in sorted(keep)]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 # --------------------------------------------------------------------------------------------
 # The MiniLM encoder
 # --------------------------------------------------------------------------------------------
@@ -364,7 +355,7 @@ class _EncoderSpec:
 @functools.lru_cache(maxsize=4)
 def _encoder_spec(folder: Path) -> _EncoderSpec:
     """Read and check the sentence-transformers configuration of the packaged model."""
-    sha = _sha256(folder / "model.safetensors")
+    sha = sha256_file(folder / "model.safetensors")
     if sha != ENCODER_SHA256:
         raise ValueError(
             f"{folder / 'model.safetensors'} has sha256 {sha}, expected {ENCODER_SHA256} "
@@ -591,7 +582,7 @@ class MiniLMToxicity:
             "held_out_ids": [rows[i].id for i in test],
             "label_rule": f"toxic iff toxicity_score > {TOXIC_THRESHOLD} (mean human rating 1..5)",
             "data": "toxigen_annotated/toxiGen.json" if examples is None else "given examples",
-            "data_sha256": _sha256(data_file) if examples is None else None,
+            "data_sha256": sha256_file(data_file) if examples is None else None,
             "solver": "sklearn LogisticRegression(lbfgs, L2) on standardised features",
             "sklearn_version": sklearn_version,
             "n_iter": int(lr.n_iter_[0]),
@@ -831,7 +822,7 @@ def _usable_cache(path: Path, seed: int) -> bool:
     return (
         fit.get("seed") == seed
         and fit.get("max_examples") is None
-        and fit.get("data_sha256") == _sha256(_toxigen_path(None))
+        and fit.get("data_sha256") == sha256_file(_toxigen_path(None))
         and meta.get("encoder", {}).get("sha256") == ENCODER_SHA256
     )
 

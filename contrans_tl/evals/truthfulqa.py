@@ -51,7 +51,6 @@ Example:
     0.28
 """
 
-import contextlib
 import copy
 import json
 import math
@@ -68,7 +67,9 @@ from tqdm.auto import tqdm
 
 from contrans_tl.data import data_dir
 from contrans_tl.evals.emotion import prefill_cache
-from contrans_tl.steering import PositionState, Steering
+from contrans_tl.sites import model_device
+from contrans_tl.steering import Steering, steering_session
+from contrans_tl.tokens import pad_token_id
 
 __all__ = [
     "PLAIN_TEMPLATE",
@@ -408,35 +409,6 @@ def encode_choices(
     return EncodedChoices(context_ids=ctx, choice_ids=out, exact=exact)
 
 
-def _device(model: Any) -> torch.device:
-    dev = getattr(getattr(model, "cfg", None), "device", None)
-    return torch.device(dev) if dev is not None else next(model.parameters()).device
-
-
-def _pad_id(model: Any) -> int:
-    tok = getattr(model, "tokenizer", None)
-    for cand in (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None)):
-        if cand is not None:
-            return int(cand)
-    return 0
-
-
-@contextlib.contextmanager
-def _attached(steering: Steering | None) -> Any:
-    """Attach ``steering`` for the block unless it already is; reset its state after."""
-    if steering is None:
-        yield PositionState()
-        return
-    here = not steering.attached
-    steering.attach()
-    try:
-        yield steering.state
-    finally:
-        steering.state.reset()
-        if here:
-            steering.remove()
-
-
 def _sum_logprobs(
     logits: Tensor, targets: Tensor, lengths: Sequence[int], start: int
 ) -> list[float]:
@@ -498,12 +470,12 @@ def score_choices(
         raise ValueError(f"choices {empty} have no tokens; every choice needs at least one")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    dev = _device(model)
-    pad = _pad_id(model)
+    dev = model_device(model)
+    pad = pad_token_id(model.tokenizer)
     p = len(ctx)
     scores = [0.0] * len(choices)
     order = sorted(range(len(choices)), key=lambda i: -len(choices[i]))
-    with _attached(steering) as state:
+    with steering_session(steering) as state:
         cache = None
         if reuse_prefix and p > 1:
             state.reset()
@@ -614,7 +586,7 @@ def evaluate_mc(
     records: list[dict[str, Any]] = []
     inexact = 0
     bar = tqdm(total=len(questions), desc="TruthfulQA", disable=progress is not True, leave=False)
-    with _attached(steering):
+    with steering_session(steering):
         try:
             for n, q in enumerate(questions):
                 choices = list(q.mc2_choices) if mc2 else list(q.mc1_choices)
