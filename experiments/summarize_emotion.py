@@ -48,8 +48,7 @@ def main() -> None:
         res = json.loads(path.read_text())
         p = res["protocol"]
         lines += [
-            f"## {res['source']['model_id']} → {res['target']['model_id']} "
-            f"(`{path.parent.name}`)",
+            f"## {res['source']['model_id']} → {res['target']['model_id']} (`{path.parent.name}`)",
             "",
             f"{p['n_negatives_per_emotion']} evaluation negatives per emotion, "
             f"{p['n_validation_negatives_per_emotion']} validation negatives per emotion, "
