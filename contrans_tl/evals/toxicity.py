@@ -58,6 +58,7 @@ from torch import Tensor
 
 from contrans_tl.data import data_dir
 from contrans_tl.io import artifact_paths, load_artifact, save_artifact, sha256_file
+from contrans_tl.models import locate_package_file
 
 __all__ = [
     "TOXIC_THRESHOLD",
@@ -279,20 +280,10 @@ def _pip_command() -> list[str]:
 
 
 def _find_encoder_dir() -> Path | None:
-    try:
-        spec = importlib.util.find_spec(_ENCODER_MODULE)
-    except (ImportError, ValueError):
+    weights = locate_package_file(_ENCODER_MODULE, f"{_ENCODER_SUBDIR}/model.safetensors")
+    if weights is None or not (weights.parent / "config.json").is_file():
         return None
-    if spec is None:
-        return None
-    folders = list(spec.submodule_search_locations or [])
-    if not folders and spec.origin:
-        folders = [str(Path(spec.origin).parent)]
-    for folder in folders:
-        candidate = Path(folder) / _ENCODER_SUBDIR
-        if (candidate / "model.safetensors").is_file() and (candidate / "config.json").is_file():
-            return candidate
-    return None
+    return weights.parent
 
 
 def minilm_encoder_dir(*, install: bool = True) -> Path:
