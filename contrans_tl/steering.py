@@ -40,6 +40,7 @@ __all__ = [
     "steering_hooks",
     "generate",
     "steering_session",
+    "greedy_decode",
 ]
 
 StepPositions = Literal["all", "prompt", "generated"]
@@ -302,63 +303,98 @@ def generate(
         raise TypeError("generate() takes a list of prompts, got one str; wrap it in a list")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    tok = model.tokenizer
-    eos = tok.eos_token_id
-    pad = pad_token_id(tok)
-    encoded = [tok(p)["input_ids"] for p in prompts]
+    state = steering.state if steering is not None else PositionState()
+
+    def start_batch(ids: Tensor, mask: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
+        prompt_len = ids.shape[1]
+        cache: Any = None
+
+        def step(ids: Tensor, mask: Tensor) -> Tensor:
+            nonlocal cache
+            state.prompt_length, state.attention_mask = prompt_len, mask
+            if use_cache and cache is not None:
+                state.offset = ids.shape[1] - 1
+                logits, cache = model(
+                    ids[:, -1:],
+                    attention_mask=mask,
+                    past_key_values=cache,
+                    return_type="logits_and_cache",
+                )
+            elif use_cache:
+                state.offset = 0
+                logits, cache = model(ids, attention_mask=mask, return_type="logits_and_cache")
+            else:
+                state.offset = 0
+                logits = model(ids, attention_mask=mask)
+            return logits[:, -1]
+
+        return step
+
+    ctx = steering if steering is not None else _nullsteer()
+    try:
+        with ctx:
+            return greedy_decode(
+                model.tokenizer,
+                prompts,
+                start_batch,
+                max_new_tokens=max_new_tokens,
+                batch_size=batch_size,
+                stop_at_eos=stop_at_eos,
+                decode=decode,
+                device=model_device(model),
+            )
+    finally:
+        state.reset()
+
+
+def greedy_decode(
+    tokenizer: Any,
+    prompts: Sequence[str],
+    start_batch: Callable[[Tensor, Tensor], Callable[[Tensor, Tensor], Tensor]],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    stop_at_eos: bool,
+    decode: bool,
+    device: torch.device,
+) -> list[str] | list[list[int]]:
+    """The greedy loop shared by :func:`generate` and proxy-tuning.
+
+    Prompts are tokenized by ``tokenizer``, sorted by length and left-padded in batches.
+    For each batch, ``start_batch(ids, mask)`` returns a ``step(ids, mask)`` that gives
+    the next-token logits ``[batch, vocab]`` for the sequences so far (it may keep KV
+    caches between calls). Finished rows are fed padding; EOS is cut from the output.
+    """
+    eos = tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
+    encoded = [tokenizer(p)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     results: list[list[int]] = [[] for _ in prompts]
-    state = steering.state if steering is not None else PositionState()
-    device = model_device(model)
-    ctx = steering if steering is not None else _nullsteer()
-    with ctx:
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            ids, mask = pad_left([encoded[i] for i in idx], pad)
-            ids, mask = ids.to(device), mask.long().to(device)
-            prompt_len = ids.shape[1]
-            done = torch.zeros(len(idx), dtype=torch.bool, device=device)
-            new: list[Tensor] = []
-            cache = None
-            try:
-                for _step in range(max_new_tokens):
-                    state.prompt_length = prompt_len
-                    state.attention_mask = mask
-                    if use_cache and cache is not None:
-                        state.offset = ids.shape[1] - 1
-                        logits, cache = model(
-                            ids[:, -1:],
-                            attention_mask=mask,
-                            past_key_values=cache,
-                            return_type="logits_and_cache",
-                        )
-                    elif use_cache:
-                        state.offset = 0
-                        logits, cache = model(
-                            ids, attention_mask=mask, return_type="logits_and_cache"
-                        )
-                    else:
-                        state.offset = 0
-                        logits = model(ids, attention_mask=mask)
-                    nxt = logits[:, -1].argmax(-1)
-                    nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
-                    new.append(nxt)
-                    if stop_at_eos and eos is not None:
-                        done |= nxt == eos
-                    ids = torch.cat([ids, nxt[:, None]], dim=1)
-                    mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-                    if bool(done.all()):
-                        break
-            finally:
-                state.reset()
-            gen = torch.stack(new, dim=1).cpu()
-            for r, i in enumerate(idx):
-                row = gen[r].tolist()
-                if stop_at_eos and eos is not None and eos in row:
-                    row = row[: row.index(eos)]
-                results[i] = row
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        ids, mask = pad_left([encoded[i] for i in idx], pad)
+        ids, mask = ids.to(device), mask.long().to(device)
+        step = start_batch(ids, mask)
+        done = torch.zeros(len(idx), dtype=torch.bool, device=device)
+        new: list[Tensor] = []
+        for _step in range(max_new_tokens):
+            nxt = step(ids, mask).to(device).argmax(-1)
+            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+            new.append(nxt)
+            if stop_at_eos and eos is not None:
+                done |= nxt == eos
+            ids = torch.cat([ids, nxt[:, None]], dim=1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            if bool(done.all()):
+                break
+        gen = torch.stack(new, dim=1).cpu()
+        for r, i in enumerate(idx):
+            row = gen[r].tolist()
+            if stop_at_eos and eos is not None and eos in row:
+                row = row[: row.index(eos)]
+            results[i] = row
     if decode:
-        return [tok.decode(r, skip_special_tokens=True) for r in results]
+        return [tokenizer.decode(r, skip_special_tokens=True) for r in results]
     return results
 
 

@@ -43,7 +43,7 @@ Example:
 """
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -51,6 +51,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from contrans_tl.sites import model_device
+from contrans_tl.steering import greedy_decode
 from contrans_tl.tokens import pad_left, pad_token_id
 
 __all__ = [
@@ -246,55 +247,37 @@ def proxy_generate(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     models = (strong, weak_aligned, weak_base)
     check_same_vocabulary(*models)
-    tok = strong.tokenizer
-    eos = tok.eos_token_id
-    pad = pad_token_id(tok)
-    encoded = [tok(p)["input_ids"] for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
-    results: list[list[int]] = [[] for _ in prompts]
     devices = [model_device(m) for m in models]
-    out_device = devices[0]
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        ids, mask = pad_left([encoded[i] for i in idx], pad)
-        ids, mask = ids.to(out_device), mask.long().to(out_device)
-        done = torch.zeros(len(idx), dtype=torch.bool, device=out_device)
+
+    def start_batch(ids: Tensor, mask: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
         caches: list[Any] = [None, None, None]
-        new: list[Tensor] = []
-        for _step in range(max_new_tokens):
+
+        def step(ids: Tensor, mask: Tensor) -> Tensor:
             last: list[Tensor] = []
             for j, (model, dev) in enumerate(zip(models, devices)):
-                m = mask.to(dev)
-                if caches[j] is None:
-                    logits, caches[j] = model(
-                        ids.to(dev), attention_mask=m, return_type="logits_and_cache"
-                    )
-                else:
-                    logits, caches[j] = model(
-                        ids[:, -1:].to(dev),
-                        attention_mask=m,
-                        past_key_values=caches[j],
-                        return_type="logits_and_cache",
-                    )
-                last.append(logits[:, -1].to(out_device))
-            nxt = proxy_logits(last[0], last[1], last[2], beta=beta).argmax(-1)
-            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
-            new.append(nxt)
-            if stop_at_eos and eos is not None:
-                done |= nxt == eos
-            ids = torch.cat([ids, nxt[:, None]], dim=1)
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            if bool(done.all()):
-                break
-        gen = torch.stack(new, dim=1).cpu()
-        for r, i in enumerate(idx):
-            row = gen[r].tolist()
-            if stop_at_eos and eos is not None and eos in row:
-                row = row[: row.index(eos)]
-            results[i] = row
-    if decode:
-        return [tok.decode(r, skip_special_tokens=True) for r in results]
-    return results
+                fed = ids if caches[j] is None else ids[:, -1:]
+                kwargs = {} if caches[j] is None else {"past_key_values": caches[j]}
+                logits, caches[j] = model(
+                    fed.to(dev),
+                    attention_mask=mask.to(dev),
+                    return_type="logits_and_cache",
+                    **kwargs,
+                )
+                last.append(logits[:, -1].to(devices[0]))
+            return proxy_logits(last[0], last[1], last[2], beta=beta)
+
+        return step
+
+    return greedy_decode(
+        strong.tokenizer,
+        prompts,
+        start_batch,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        stop_at_eos=stop_at_eos,
+        decode=decode,
+        device=devices[0],
+    )
 
 
 def _as_ids(x: Sequence[int] | Tensor, what: str, i: int) -> list[int]:
