@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Regenerates experiments/results/alignment/ (issue 4: TruthfulQA, ToxiGen, perplexity).
+# Usage: bash experiments/run_alignment.sh [gemma|qwen-gemma|qwen|all]
+# CPU (one core each): gemma ~55 min, qwen-gemma ~30 min after gemma, qwen ~70 min.
+# A finished configuration is kept under <pair>/runs/ and reused, so a rerun resumes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+which="${1:-all}"
+if [[ "$which" == gemma || "$which" == all ]]; then
+  # SmolLM2-135M-Instruct -> Gemma-3-270m: word-end maps on 2,000 WikiSplit sentences.
+  python experiments/run_alignment.py --source smollm2-135m-instruct --target gemma-3-270m \
+    --n-map-texts 2000
+fi
+if [[ "$which" == qwen-gemma || "$which" == all ]]; then
+  # Qwen2.5-Coder-0.5B-Instruct -> Gemma-3-270m: the target's Base / Inst / Self rows are the
+  # ones above (same target, same questions and prompts; read from target__gemma-3-270m).
+  python experiments/run_alignment.py --source qwen2.5-coder-0.5b-instruct \
+    --target gemma-3-270m --n-map-texts 1000 --parts truthfulqa,toxigen,perplexity
+fi
+if [[ "$which" == qwen || "$which" == all ]]; then
+  # Qwen2.5-Coder 0.5B -> 1.5B (both instruct; same tokenizer, every-token maps on 500
+  # sentences as in the emotion run). CPU budget: 60 evaluation / 20 validation questions,
+  # 3 + 1 prompts per group, clean protocol only.
+  python experiments/run_alignment.py --source qwen2.5-coder-0.5b-instruct \
+    --target qwen2.5-coder-1.5b-instruct --n-map-texts 500 --protocols clean \
+    --tqa-eval 60 --tqa-val 20 --tox-eval 3 --tox-val 1 --parts truthfulqa,toxigen,perplexity
+fi
