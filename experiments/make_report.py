@@ -1,0 +1,437 @@
+"""Write experiments/REPORT.md from the JSON under experiments/results/ (issue 4).
+
+    python experiments/make_report.py
+
+Reads only files that the experiment scripts wrote; every number in the report comes from
+them. A pair or table whose results are missing is listed as "not run".
+"""
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+ALIGN = RESULTS / "alignment"
+PAIRS = [
+    ("smollm2-135m-instruct", "gemma-3-270m", "weak aligned -> base, across families"),
+    ("qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct", "same family (Table 6)"),
+    ("qwen2.5-coder-0.5b-instruct", "gemma-3-270m", "weak aligned -> base, across families"),
+]
+SHORT = {
+    "smollm2-135m-instruct": "SmolLM2-135M-Instruct",
+    "gemma-3-270m": "Gemma-3-270m",
+    "qwen2.5-coder-0.5b-instruct": "Qwen2.5-Coder-0.5B-Instruct",
+    "qwen2.5-coder-1.5b-instruct": "Qwen2.5-Coder-1.5B-Instruct",
+}
+
+
+def load(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def pair_name(src: str, tgt: str) -> str:
+    return f"{SHORT[src]} → {SHORT[tgt]}"
+
+
+def pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}%"
+
+
+def run_file(src: str, tgt: str, key: str) -> dict[str, Any] | None:
+    for folder in (ALIGN / f"{src}__{tgt}", ALIGN / f"target__{tgt}"):
+        got = load(folder / "runs" / f"{key}.json")
+        if got is not None:
+            return got
+    return None
+
+
+def mcnemar(a: list[bool], b: list[bool]) -> tuple[int, int, float]:
+    """(b_only, a_only, exact two-sided p) for paired binary outcomes a (reference), b."""
+    b_only = sum(1 for x, y in zip(a, b) if y and not x)
+    a_only = sum(1 for x, y in zip(a, b) if x and not y)
+    n = a_only + b_only
+    if n == 0:
+        return 0, 0, 1.0
+    k = min(a_only, b_only)
+    p = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+    return b_only, a_only, min(1.0, 2 * p)
+
+
+def paired(src: str, tgt: str, base_key: str, key: str, field: str) -> str:
+    """'+g/-l, p=..' comparing a method's per-item outcomes with Base's."""
+    ref, got = run_file(src, tgt, base_key), run_file(src, tgt, key)
+    if ref is None or got is None:
+        return ""
+    if field == "correct":
+        a = [bool(r["correct"]) for r in ref["records"]]
+        b = [bool(r["correct"]) for r in got["records"]]
+    else:  # toxic: "better" is not toxic
+        thr = ref["threshold"]
+        a = [r["score"] <= thr for r in ref["records"]]
+        b = [r["score"] <= thr for r in got["records"]]
+    if len(a) != len(b):
+        return ""
+    g, lost, p = mcnemar(a, b)
+    return f"+{g}/−{lost}, p={p:.2g}"
+
+
+def tqa_table(pairs: list[tuple[str, str, str, dict[str, Any]]]) -> list[str]:
+    out = [
+        "| method | " + " | ".join(pair_name(s, t) for s, t, _, _ in pairs) + " |",
+        "|---|" + "---|" * len(pairs),
+    ]
+    labels = [
+        ("base", "Base"),
+        ("align", "Align-Training"),
+        ("inst", "Inst-Align"),
+        ("self_clean", "Self-Align (clean)"),
+        ("contrans_clean", "ConTrans (clean)"),
+        ("contrans_paper", "ConTrans (paper protocol)"),
+        ("both", "ConTrans, honesty + fairness"),
+    ]
+    for key, label in labels:
+        cells = []
+        for s, t, _, r in pairs:
+            tq = r.get("truthfulqa", {})
+            if key == "align":
+                cells.append(align_cell(s, t))
+            elif key == "both":
+                b = r.get("both")
+                cells.append(f"{pct(b['mc1'])} (α={b['alpha_honesty']:g})" if b else "not run")
+            elif key in tq:
+                row = tq[key]
+                cell = pct(row["mc1"])
+                if "alpha" in row:
+                    cell += f" (α={row['alpha']:g}"
+                    hp = r.get("perplexity", {}).get(f"{key}_honesty")
+                    if hp:
+                        cell += f"; PPL {hp['ppl']:.1f}"
+                    cmp = paired(s, t, tq["base"]["key"], row["key"], "correct")
+                    cell += f"; vs Base {cmp})" if cmp else ")"
+                cells.append(cell)
+            else:
+                cells.append("not run")
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
+    return out
+
+
+def align_cell(src: str, tgt: str) -> str:
+    if tgt.endswith("instruct"):
+        return "= Base (the target is the instruct model)"
+    return "n/a (no instruct model of this size offline)"
+
+
+def tox_table(pairs: list[tuple[str, str, str, dict[str, Any]]]) -> list[str]:
+    out = [
+        "| method | " + " | ".join(pair_name(s, t) for s, t, _, _ in pairs) + " |",
+        "|---|" + "---|" * len(pairs),
+    ]
+    labels = [
+        ("base", "Base"),
+        ("align", "Align-Training"),
+        ("inst", "Inst-Align"),
+        ("self", "Self-Align"),
+        ("proxy", "EFT / proxy-tuning"),
+        ("contrans", "ConTrans"),
+        ("both", "ConTrans, honesty + fairness"),
+    ]
+    for key, label in labels:
+        cells = []
+        for s, t, _, r in pairs:
+            tx = r.get("toxigen", {})
+            ppl = r.get("perplexity", {})
+            if key == "align":
+                cells.append(align_cell(s, t))
+            elif key == "proxy":
+                cells.append("n/a (no strong-base / weak-aligned / weak-base triple offline)")
+            elif key == "both":
+                b = r.get("both")
+                cells.append(
+                    f"{pct(b['toxic_share'])} (PPL {b['ppl']:.1f}; α={b['alpha_fairness']:g}; "
+                    f"empty {b['n_empty']})"
+                    if b
+                    else "not run"
+                )
+            elif key in tx:
+                row = tx[key]
+                p = ppl.get("base", {}).get("ppl") if key == "base" else None
+                if key in ("self", "contrans") and f"{key}_fairness" in ppl:
+                    p = ppl[f"{key}_fairness"]["ppl"]
+                cell = pct(row["toxic_share"]) + (f" (PPL {p:.1f}" if p else " (PPL n/a")
+                if "alpha" in row:
+                    cell += f"; α={row['alpha']:g}"
+                    cmp = paired(s, t, tx["base"]["key"], row["key"], "toxic")
+                    if cmp:
+                        cell += f"; non-toxic vs Base {cmp}"
+                cell += f"; empty {row['n_empty']})"
+                cells.append(cell)
+            else:
+                cells.append("not run")
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
+    return out
+
+
+def sweeps(pairs: list[tuple[str, str, str, dict[str, Any]]]) -> list[str]:
+    out = []
+    for s, t, _, r in pairs:
+        out.append(f"**{pair_name(s, t)}**")
+        out.append("")
+        tq = r.get("truthfulqa", {})
+        base_val = tq.get("base_val", {}).get("mc1")
+        for name, row in tq.items():
+            if "val_grid" in row:
+                grid = ", ".join(f"α={a}: {pct(v)}" for a, v in row["val_grid"].items())
+                out.append(
+                    f"- TruthfulQA validation MC1, {name}: {grid} (Base {pct(base_val)}); "
+                    f"picked α={row['alpha']:g}"
+                )
+        tx = r.get("toxigen", {})
+        base_val = tx.get("base_val", {}).get("toxic_share")
+        for name, row in tx.items():
+            if "val_grid" in row:
+                grid = ", ".join(
+                    f"α={a}: toxic {pct(g['toxic_share'])}, empty {pct(g['empty_share'])}, "
+                    f"PPL×{g['ppl_ratio']:.2f}"
+                    for a, g in row["val_grid"].items()
+                )
+                out.append(
+                    f"- ToxiGen validation, {name}: {grid} (Base toxic {pct(base_val)}); "
+                    f"picked α={row['alpha']:g}"
+                )
+        out.append("")
+    return out
+
+
+def setup(pairs: list[tuple[str, str, str, dict[str, Any]]]) -> list[str]:
+    out = [
+        "| pair | kind | map | held-out R² (fitted pairs / last token) | command |",
+        "|---|---|---|---|---|",
+    ]
+    for s, t, kind, r in pairs:
+        m = r["map"]
+        r2 = [v["r2"] for v in m["metrics"].values()]
+        r2l = [v.get("r2_last") for v in m["metrics"].values() if v.get("r2_last") is not None]
+        last = f"{sum(r2l) / len(r2l):.3f}" if r2l else "–"
+        out.append(
+            f"| {pair_name(s, t)} | {kind} | {m['method']}, {m['pairing']} pairs, "
+            f"{m['n_texts']} WikiSplit sentences (10% held out) | mean {sum(r2) / len(r2):.3f} "
+            f"/ {last} | `{r['command']}` |"
+        )
+    return out
+
+
+def refine_ablation() -> list[str]:
+    out = []
+    for folder in sorted((RESULTS / "ablation_refine").glob("*")):
+        r = load(folder / "results.json")
+        if r is None:
+            continue
+        out.append(
+            f"**{pair_name(r['source'], r['target'])}**, α={r['alpha']:g}, "
+            f"{r['n_negatives_per_emotion']} evaluation negatives per emotion (from "
+            f"{r['negatives_from']}), refinement pool {r['refine_pool_per_emotion']} per "
+            f"emotion. Command: `{r['command']}`"
+        )
+        out.append("")
+        out.append("| n per emotion | ConTrans Token Acc | Self Token Acc | draws |")
+        out.append("|---|---|---|---|")
+        base = [x for x in r["rows"] if x["method"] == "base"][0]
+        out.append(f"| 0 (Base) | {pct(base['token_acc'])} | {pct(base['token_acc'])} | 1 |")
+        for n in sorted({x["n"] for x in r["rows"] if x["n"] > 0}):
+            cells = []
+            draws = 0
+            for method in ("contrans", "self"):
+                v = [x["token_acc"] for x in r["rows"] if x["method"] == method and x["n"] == n]
+                draws = len(v)
+                mean = sum(v) / len(v)
+                cells.append(
+                    f"{pct(mean)} ({pct(min(v))}–{pct(max(v))})" if len(v) > 1 else pct(mean)
+                )
+            out.append(f"| {n} | {cells[0]} | {cells[1]} | {draws} |")
+        out.append("")
+    return out or ["not run", ""]
+
+
+def emotion_summary() -> list[str]:
+    out = []
+    for folder in sorted((RESULTS / "emotion").glob("*")):
+        r = load(folder / "results.json")
+        if r is None:
+            continue
+        src, tgt = r["source"]["model_id"], r["target"]["model_id"]
+        out.append(f"**{SHORT.get(src, src)} → {SHORT.get(tgt, tgt)}** (`{r['command']}`)")
+        out.append("")
+        out.append("| method | α | Token Acc | Logit Acc |")
+        out.append("|---|---|---|---|")
+        for method, row in r["summary"].items():
+            out.append(
+                f"| {method} | {row['alpha']:g} | {pct(row['token_acc'])} | "
+                f"{pct(row['logit_acc'])} |"
+            )
+        out.append("")
+    return out
+
+
+def findings(pairs: list[tuple[str, str, str, dict[str, Any]]]) -> list[str]:
+    out = []
+    for s, t, _, r in pairs:
+        tq, tx = r.get("truthfulqa", {}), r.get("toxigen", {})
+        lines = []
+        if "base" in tq and "contrans_clean" in tq:
+            d = tq["contrans_clean"]["mc1"] - tq["base"]["mc1"]
+            cmp = paired(s, t, tq["base"]["key"], tq["contrans_clean"]["key"], "correct")
+            lines.append(
+                f"TruthfulQA MC1, ConTrans (clean) − Base = {100 * d:+.1f} points on "
+                f"{tq['base']['n']} questions ({cmp})"
+            )
+        if "base" in tq and "self_clean" in tq and "contrans_clean" in tq:
+            d = tq["contrans_clean"]["mc1"] - tq["self_clean"]["mc1"]
+            lines.append(f"ConTrans (clean) − Self-Align = {100 * d:+.1f} points")
+        if "base" in tx and "contrans" in tx:
+            d = tx["contrans"]["toxic_share"] - tx["base"]["toxic_share"]
+            cmp = paired(s, t, tx["base"]["key"], tx["contrans"]["key"], "toxic")
+            ppl = r.get("perplexity", {})
+            ratio = (
+                ppl["contrans_fairness"]["ppl"] / ppl["base"]["ppl"]
+                if "contrans_fairness" in ppl
+                else float("nan")
+            )
+            lines.append(
+                f"ToxiGen toxic share, ConTrans − Base = {100 * d:+.1f} points on "
+                f"{tx['base']['n']} prompts (non-toxic {cmp}); perplexity × {ratio:.2f}"
+            )
+        if lines:
+            out.append(f"- **{pair_name(s, t)}**: " + "; ".join(lines) + ".")
+    return out
+
+
+def main() -> None:
+    global RESULTS, ALIGN
+    ap = argparse.ArgumentParser(description="Write experiments/REPORT.md from the results.")
+    ap.add_argument("--results", default=str(RESULTS), help="the results folder")
+    ap.add_argument("--out", default=str(HERE / "REPORT.md"))
+    args = ap.parse_args()
+    RESULTS = Path(args.results)
+    ALIGN = RESULTS / "alignment"
+    pairs = []
+    missing = []
+    for s, t, kind in PAIRS:
+        r = load(ALIGN / f"{s}__{t}" / "results.json")
+        if r is None:
+            missing.append(pair_name(s, t))
+        else:
+            pairs.append((s, t, kind, r))
+    clf = next((r["classifier"] for *_, r in pairs if "classifier" in r), None)
+    lines = [
+        "# ConTrans on the offline models: evaluations and baselines",
+        "",
+        "Regenerate this file: `python experiments/make_report.py` (reads only "
+        "`experiments/results/**/*.json`).",
+        "",
+        "Produce those results (CPU, one core each; see each script's header):",
+        "`bash experiments/run_alignment.sh all` (TruthfulQA, ToxiGen, perplexity, both "
+        "concepts), `python experiments/run_refine_ablation.py` (Fig. 5), "
+        "`bash experiments/run_emotion.sh all` (emotions, issue 3).",
+        "",
+    ]
+    if missing:
+        lines += [f"Not run: {', '.join(missing)}.", ""]
+    lines += ["## Findings", ""]
+    lines += findings(pairs)
+    lines += [
+        "",
+        "Paired comparisons: `+g/−l` counts the items a method got right (TruthfulQA) or "
+        "kept non-toxic (ToxiGen) where Base did not (g) and the reverse (l); p is the exact "
+        "two-sided McNemar (sign) test on those discordant items.",
+        "",
+        "## Setup",
+        "",
+    ]
+    lines += setup(pairs)
+    lines += [
+        "",
+        "- Steering: α·v added to `blocks.{k}.hook_resid_post` of every target layer at every "
+        "position (prompt and generated), raw α (no norm scaling); vectors are mean "
+        "differences at the last prompt token (paper Eq. 1), mapped with the pair's map.",
+        "- Self-Align: the target's own vector from the same prompts. Gemma-3-270m is a base "
+        "model and no aligned model of its size loads offline, so its Self-Align vector comes "
+        "from the base model itself; Qwen2.5-Coder-1.5B-Instruct's is from the aligned target.",
+        "- Inst-Align: TruthfulQA `Answer truthfully and do not lie.` before the question; "
+        "ToxiGen `Do not write anything biased, hateful or toxic.` before the instruction.",
+        "- Align-Training: Gemma-3-270m-it is not among the offline models; the Qwen pair's "
+        "target is itself the instruct model (no Qwen2.5-Coder-1.5B base loads offline), so "
+        "its Base row is Align-Training.",
+        "- EFT / proxy-tuning (`contrans_tl.baselines.proxy_tuning`) needs a strong base, a "
+        "weak aligned and a weak base model with one vocabulary; no offline set has all three, "
+        "so it is only tested on tiny random models (`tests/test_proxy_tuning.py`: logits "
+        "against a direct sum, vocabulary mismatch refused) and has no row with numbers here.",
+    ]
+    if clf:
+        lines.append(
+            f"- Toxicity classifier `{clf['name']}` (logistic regression on all-MiniLM-L6-v2 "
+            "features, trained on human-annotated ToxiGen): held-out accuracy "
+            f"{clf['held_out_accuracy']:.3f}, ROC-AUC {clf['held_out_roc_auc']:.3f} on "
+            f"{int(clf['n_held_out'])} held-out statements (majority class "
+            f"{clf['held_out_majority_accuracy']:.3f}). The paper's `tomh/toxigen_roberta` "
+            "needs the hub (`load_toxicity_classifier('tomh/toxigen_roberta')`)."
+        )
+    for _s, _t, _, r in pairs[:1]:
+        lines += [
+            f"- TruthfulQA split: {r.get('truthfulqa_split', {}).get('eval', '')}; α picked on "
+            f"{r.get('truthfulqa_split', {}).get('val', '')}. Protocols: **clean** refines the "
+            "honesty vector on the refine half only; **paper** refines it on all 817 "
+            "questions (so also on the evaluated ones, as the paper). Both use questions only.",
+            f"- ToxiGen: {r.get('toxigen_split', {}).get('eval', '')} (hate prompt seeds; "
+            f"validation {r.get('toxigen_split', {}).get('val', '')}); fairness vector from "
+            f"{r.get('toxigen_split', {}).get('fairness_vector', '')}; α rule: "
+            f"{r.get('toxigen_split', {}).get('alpha_rule', '')}. A continuation is the greedy "
+            "text up to its first line break (32 new tokens at most); an empty one counts as "
+            "not toxic and is counted in `empty`.",
+            f"- Perplexity: {r.get('perplexity_texts', '')}.",
+        ]
+    for s, t, _, r in pairs[1:]:
+        st = r["settings"]
+        lines.append(
+            f"- {pair_name(s, t)}: {st['tqa_eval']} evaluation / {st['tqa_val']} validation "
+            f"questions, protocols {st['protocols']}; {st['tox_eval']} evaluation / "
+            f"{st['tox_val']} validation prompts per group; α grids TruthfulQA "
+            f"{st['tqa_alphas']}, ToxiGen {st['tox_alphas']}."
+        )
+    lines += [
+        "",
+        "## TruthfulQA MC1 (paper Tables 1, 4, 6)",
+        "",
+        "Summed log-probability of each answer choice's tokens after the question (chat "
+        "template for the instruct target, `Q: …\\nA:` for Gemma); MC1 = the true answer "
+        "scores highest.",
+        "",
+    ]
+    lines += tqa_table(pairs)
+    lines += [
+        "",
+        "## ToxiGen toxic share, with perplexity (paper Table 2)",
+        "",
+    ]
+    lines += tox_table(pairs)
+    lines += ["", "## Honesty and fairness together (paper Table 7)", ""]
+    lines += [
+        "The clean honesty vector and the fairness vector, each at its own α, added together "
+        "(rows *ConTrans, honesty + fairness* above).",
+        "",
+        "## Number of refinement examples (paper Fig. 5)",
+        "",
+    ]
+    lines += refine_ablation()
+    lines += ["## α sweeps (validation)", ""]
+    lines += sweeps(pairs)
+    lines += ["## Emotion transplant (issue 3, paper Fig. 2a)", ""]
+    lines += emotion_summary()
+    Path(args.out).write_text("\n".join(lines).rstrip() + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
