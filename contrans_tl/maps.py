@@ -168,7 +168,9 @@ class MapScorer:
         if self.n == 0:
             return {"r2": float("nan"), "cosine": float("nan"), "n": 0}
         sst = self.sum_y2 - float(self.sum_y @ self.sum_y) / self.n
-        return {"r2": 1.0 - self.sse / sst, "cosine": self.sum_cos / self.n, "n": self.n}
+        # one held-out target (or all identical) has no variance: R² is undefined there
+        r2 = 1.0 - self.sse / sst if sst > 1e-12 * max(self.sum_y2, 1.0) else float("nan")
+        return {"r2": r2, "cosine": self.sum_cos / self.n, "n": self.n}
 
 
 def paired_positions(

@@ -5,7 +5,7 @@ import torch
 
 from contrans_tl.activations import read_resid_post
 from contrans_tl.concepts import ConceptVector, mean_difference
-from contrans_tl.maps import LinearMapFitter, fit_residual_map, paired_positions
+from contrans_tl.maps import LinearMapFitter, MapScorer, fit_residual_map, paired_positions
 from contrans_tl.sites import match_layers_by_depth, parse_layers, resid_post_name
 from contrans_tl.steering import generate, make_steering, steer
 from contrans_tl.tokens import encode, word_end_positions
@@ -343,3 +343,20 @@ def test_position_semantics_exactly(small_llama):
     assert bare.abs().sum() == 0
     bare = _addition_hook(d, "prompt", PositionState())(torch.zeros(1, 3, 4), hook=None)
     assert bare[..., 0].tolist() == [[1.0, 1.0, 1.0]]
+
+
+def test_map_scorer_r2_against_direct_computation_and_single_target():
+    g = torch.Generator().manual_seed(3)
+    w, b = torch.randn(5, 7, generator=g), torch.randn(7, generator=g)
+    x, y = torch.randn(11, 5, generator=g), torch.randn(11, 7, generator=g)
+    scorer = MapScorer(w, b)
+    scorer.update(x[:4], y[:4])
+    scorer.update(x[4:], y[4:])
+    pred = x.double() @ w.double() + b.double()
+    y64 = y.double()
+    r2 = 1 - ((y64 - pred) ** 2).sum() / ((y64 - y64.mean(0)) ** 2).sum()
+    assert scorer.result()["r2"] == pytest.approx(float(r2), rel=1e-9)
+    one = MapScorer(w, b)
+    one.update(x[:1], y[:1])  # a single held-out target has no variance: R² undefined
+    got = one.result()
+    assert got["n"] == 1 and got["r2"] != got["r2"]
