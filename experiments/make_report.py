@@ -236,21 +236,26 @@ def refine_ablation() -> list[str]:
             f"emotion. Command: `{r['command']}`"
         )
         out.append("")
-        out.append("| n per emotion | ConTrans Token Acc | Self Token Acc | draws |")
-        out.append("|---|---|---|---|")
+        out.append(
+            "| n per emotion | ConTrans Token Acc | ConTrans Logit Acc | Self Token Acc "
+            "| Self Logit Acc | draws |"
+        )
+        out.append("|---|---|---|---|---|---|")
         base = [x for x in r["rows"] if x["method"] == "base"][0]
-        out.append(f"| 0 (Base) | {pct(base['token_acc'])} | {pct(base['token_acc'])} | 1 |")
+        b_t, b_l = pct(base["token_acc"]), pct(base["logit_acc"])
+        out.append(f"| 0 (Base) | {b_t} | {b_l} | {b_t} | {b_l} | 1 |")
         for n in sorted({x["n"] for x in r["rows"] if x["n"] > 0}):
             cells = []
             draws = 0
             for method in ("contrans", "self"):
-                v = [x["token_acc"] for x in r["rows"] if x["method"] == method and x["n"] == n]
-                draws = len(v)
-                mean = sum(v) / len(v)
-                cells.append(
-                    f"{pct(mean)} ({pct(min(v))}–{pct(max(v))})" if len(v) > 1 else pct(mean)
-                )
-            out.append(f"| {n} | {cells[0]} | {cells[1]} | {draws} |")
+                for metric in ("token_acc", "logit_acc"):
+                    v = [x[metric] for x in r["rows"] if x["method"] == method and x["n"] == n]
+                    draws = len(v)
+                    mean = sum(v) / len(v)
+                    cells.append(
+                        f"{pct(mean)} ({pct(min(v))}–{pct(max(v))})" if len(v) > 1 else pct(mean)
+                    )
+            out.append(f"| {n} | " + " | ".join(cells) + f" | {draws} |")
         out.append("")
     return out or ["not run", ""]
 
