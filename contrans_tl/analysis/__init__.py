@@ -8,7 +8,9 @@
 * :mod:`contrans_tl.analysis.geometry`: PCA and t-SNE coordinates, before/after arrows
   (Figs. 2b, 7, 8), and separation scores (silhouette, linear-probe accuracy) per layer.
 
-No plotting here: these return numbers and coordinates for the scripts that draw figures.
+Figures: :mod:`contrans_tl.analysis.plots` (matplotlib, PNG + the plotted numbers as
+JSON), imported only when used. One run of everything for an emotion transplant:
+:func:`contrans_tl.analysis.run.run_analysis` (`python -m contrans_tl analyze`).
 
 Example:
     >>> from contrans_tl.analysis import aggregate_shifts, separation_by_layer, token_shifts
