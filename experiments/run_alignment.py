@@ -123,6 +123,11 @@ def main() -> None:
         default=2.0,
         help="ToxiGen alpha must keep perplexity <= this x base",
     )
+    ap.add_argument(
+        "--ppl-methods",
+        default="contrans,self",
+        help="steering methods whose honesty vector gets a perplexity",
+    )
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--results-root", default=str(ROOT), help="where results go")
@@ -208,12 +213,22 @@ def main() -> None:
         """method: contrans | self; concept: honesty_<protocol> | fairness."""
         k = (method, concept)
         if k not in vec_cache:
-            log(f"refining {concept} vector for {method}")
             model = src if method == "contrans" else tgt
-            if concept == "fairness":
-                v = fairness_vector(model)
+            # the refined (untransplanted) vector is kept on disk: refining on the 1.5B
+            # model takes most of an hour on one core
+            tag = tqa_tag if concept.startswith("honesty") else tox_tag
+            name = args.source if method == "contrans" else args.target
+            path = Path(args.maps_dir).parent / "vectors" / f"{name}__{concept}__{tag}"
+            if path.with_name(path.name + ".safetensors").exists():
+                v = ct.ConceptVector.load(path)
             else:
-                v = honesty_vector(model, concept.split("_", 1)[1])
+                log(f"refining {concept} vector for {method}")
+                if concept == "fairness":
+                    v = fairness_vector(model)
+                else:
+                    v = honesty_vector(model, concept.split("_", 1)[1])
+                path.parent.mkdir(parents=True, exist_ok=True)
+                v.save(path)
             vec_cache[k] = rmap.transplant(v) if method == "contrans" else v
         return vec_cache[k]
 
@@ -368,8 +383,9 @@ def main() -> None:
     if "perplexity" in parts:
         prow: dict[str, Any] = {"base": {"ppl": base_ppl}}
         for name, row in tqa_rows.items():
-            if "alpha" in row:
-                method, proto = name.split("_", 1)
+            method = name.split("_", 1)[0]
+            if "alpha" in row and method in args.ppl_methods.split(","):
+                proto = name.split("_", 1)[1]
                 prow[f"{name}_honesty"] = {
                     **store_for(method).get(
                         f"ppl__{name}_honesty__a{row['alpha']:g}__{ppl_tag}__{tqa_tag}",

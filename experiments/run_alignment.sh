@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Regenerates experiments/results/alignment/ (issue 4: TruthfulQA, ToxiGen, perplexity).
 # Usage: bash experiments/run_alignment.sh [gemma|qwen-gemma|qwen|all]
-# CPU (one core each): gemma ~55 min, qwen-gemma ~30 min after gemma, qwen ~70 min.
+# CPU (one core each, two or three runs side by side): gemma ~100 min, qwen-gemma ~70 min,
+# qwen ~110 min.
 # A finished configuration is kept under <pair>/runs/ and reused, so a rerun resumes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,8 +21,12 @@ fi
 if [[ "$which" == qwen || "$which" == all ]]; then
   # Qwen2.5-Coder 0.5B -> 1.5B (both instruct; same tokenizer, every-token maps on 500
   # sentences as in the emotion run). CPU budget: 60 evaluation / 20 validation questions,
-  # 3 + 1 prompts per group, clean protocol only.
+  # clean protocol only; no ToxiGen (refining the 1.5B model's own fairness vector from
+  # 1,300 prompts and generating ~200 continuations is several hours on one core); no
+  # perplexity for Self (its honesty vector took ~45 min to refine and was not kept on disk
+  # by the run that produced these results).
   python experiments/run_alignment.py --source qwen2.5-coder-0.5b-instruct \
     --target qwen2.5-coder-1.5b-instruct --n-map-texts 500 --protocols clean \
-    --tqa-eval 60 --tqa-val 20 --tox-eval 3 --tox-val 1 --parts truthfulqa,toxigen,perplexity
+    --tqa-eval 60 --tqa-val 20 --tox-eval 3 --tox-val 1 --parts truthfulqa,perplexity \
+    --ppl-methods contrans
 fi
