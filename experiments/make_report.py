@@ -399,11 +399,16 @@ def main() -> None:
         ]
     for s, t, _, r in pairs[1:]:
         st = r["settings"]
+        tox = (
+            f"{st['tox_eval']} evaluation / {st['tox_val']} validation prompts per group, "
+            f"α grid {st['tox_alphas']}"
+            if "toxigen" in r
+            else "ToxiGen not run (see the command's script for why)"
+        )
         lines.append(
-            f"- {pair_name(s, t)}: {st['tqa_eval']} evaluation / {st['tqa_val']} validation "
-            f"questions, protocols {st['protocols']}; {st['tox_eval']} evaluation / "
-            f"{st['tox_val']} validation prompts per group; α grids TruthfulQA "
-            f"{st['tqa_alphas']}, ToxiGen {st['tox_alphas']}."
+            f"- {pair_name(s, t)}: TruthfulQA {st['tqa_eval']} evaluation / {st['tqa_val']} "
+            f"validation questions, protocols {st['protocols']}, α grid {st['tqa_alphas']}; "
+            f"{tox}; map sentences {st['n_map_texts']}."
         )
     lines += [
         "",
