@@ -13,20 +13,20 @@ if [[ "$which" == gemma || "$which" == all ]]; then
     --n-map-texts 2000
 fi
 if [[ "$which" == qwen-gemma || "$which" == all ]]; then
-  # Qwen2.5-Coder-0.5B-Instruct -> Gemma-3-270m: the target's Base / Inst / Self rows are the
-  # ones above (same target, same questions and prompts; read from target__gemma-3-270m).
+  # Qwen2.5-Coder-0.5B-Instruct -> Gemma-3-270m: the target's Base and Inst rows are the
+  # ones above (same target, same questions and prompts; read from target__gemma-3-270m);
+  # Self-Align is the same as in the pair above and is not repeated.
   python experiments/run_alignment.py --source qwen2.5-coder-0.5b-instruct \
-    --target gemma-3-270m --n-map-texts 1000 --parts truthfulqa,toxigen,perplexity
+    --target gemma-3-270m --n-map-texts 1000 --parts truthfulqa,toxigen,perplexity \
+    --target-methods base,inst
 fi
 if [[ "$which" == qwen || "$which" == all ]]; then
   # Qwen2.5-Coder 0.5B -> 1.5B (both instruct; same tokenizer, every-token maps on 500
   # sentences as in the emotion run). CPU budget: 60 evaluation / 20 validation questions,
   # clean protocol only; no ToxiGen (refining the 1.5B model's own fairness vector from
-  # 1,300 prompts and generating ~200 continuations is several hours on one core); no
-  # perplexity for Self (its honesty vector took ~45 min to refine and was not kept on disk
-  # by the run that produced these results).
+  # 1,300 prompts and generating ~200 continuations is several hours on one core), and no
+  # perplexity (the session's CPU time ran out; vectors were not yet kept on disk then).
   python experiments/run_alignment.py --source qwen2.5-coder-0.5b-instruct \
     --target qwen2.5-coder-1.5b-instruct --n-map-texts 500 --protocols clean \
-    --tqa-eval 60 --tqa-val 20 --tox-eval 3 --tox-val 1 --parts truthfulqa,perplexity \
-    --ppl-methods contrans
+    --tqa-eval 60 --tqa-val 20 --parts truthfulqa
 fi
