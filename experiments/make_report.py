@@ -101,6 +101,12 @@ def tqa_table(pairs: list[tuple[str, str, str, dict[str, Any]]]) -> list[str]:
             elif key == "both":
                 b = r.get("both")
                 cells.append(f"{pct(b['mc1'])} (α={b['alpha_honesty']:g})" if b else "not run")
+            elif (
+                key not in tq
+                and key.startswith("self")
+                and same_target(pairs, s, t, "truthfulqa", key)
+            ):
+                cells.append(f"as in {same_target(pairs, s, t, 'truthfulqa', key)} (same target)")
             elif key in tq:
                 row = tq[key]
                 cell = pct(row["mc1"])
@@ -116,6 +122,16 @@ def tqa_table(pairs: list[tuple[str, str, str, dict[str, Any]]]) -> list[str]:
                 cells.append("not run")
         out.append(f"| {label} | " + " | ".join(cells) + " |")
     return out
+
+
+def same_target(
+    pairs: list[tuple[str, str, str, dict[str, Any]]], src: str, tgt: str, part: str, key: str
+) -> str:
+    """The name of another pair with the same target that has this row, or ''."""
+    for s, t, _, r in pairs:
+        if t == tgt and s != src and key in r.get(part, {}):
+            return pair_name(s, t)
+    return ""
 
 
 def align_cell(src: str, tgt: str) -> str:
@@ -155,6 +171,8 @@ def tox_table(pairs: list[tuple[str, str, str, dict[str, Any]]]) -> list[str]:
                     if b
                     else "not run"
                 )
+            elif key not in tx and key == "self" and same_target(pairs, s, t, "toxigen", key):
+                cells.append(f"as in {same_target(pairs, s, t, 'toxigen', key)} (same target)")
             elif key in tx:
                 row = tx[key]
                 p = ppl.get("base", {}).get("ppl") if key == "base" else None
