@@ -117,6 +117,9 @@ def tqa_table(pairs: list[tuple[str, str, str, dict[str, Any]]]) -> list[str]:
                         cell += f"; PPL {hp['ppl']:.1f}"
                     cmp = paired(s, t, tq["base"]["key"], row["key"], "correct")
                     cell += f"; vs Base {cmp})" if cmp else ")"
+                elif key == "inst":
+                    cmp = paired(s, t, tq["base"]["key"], row["key"], "correct")
+                    cell += f" (vs Base {cmp})" if cmp else ""
                 cells.append(cell)
             else:
                 cells.append("not run")
@@ -181,6 +184,7 @@ def tox_table(pairs: list[tuple[str, str, str, dict[str, Any]]]) -> list[str]:
                 cell = pct(row["toxic_share"]) + (f" (PPL {p:.1f}" if p else " (PPL n/a")
                 if "alpha" in row:
                     cell += f"; α={row['alpha']:g}"
+                if key != "base":
                     cmp = paired(s, t, tx["base"]["key"], row["key"], "toxic")
                     if cmp:
                         cell += f"; non-toxic vs Base {cmp}"
