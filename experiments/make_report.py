@@ -302,6 +302,37 @@ def emotion_summary() -> list[str]:
     return out
 
 
+FIGURES = [
+    ("alpha_sweep", "Token Acc and perplexity against α (pick α here)"),
+    ("layer_similarity", "linear CKA, source × target layer, with the suggested matching"),
+    ("vector_cosines", "transplanted vs Self vector, cosine per target layer"),
+    ("norm_profile", "residual and vector norms per relative depth"),
+    ("pca_before_after", "target states before → after adding the vector (Fig. 2b)"),
+    ("tsne", "t-SNE of the six emotions in both models (Figs. 7, 8)"),
+    ("separation", "silhouette and linear-probe accuracy per layer"),
+]
+
+
+def analysis_section() -> list[str]:
+    out = []
+    for folder in sorted((RESULTS / "analysis").glob("*")):
+        a = load(folder / "analysis.json")
+        if a is None:
+            continue
+        rel = folder.relative_to(HERE)
+        out += [
+            f"**{folder.name.replace('__', ' → ')}**: `{a.get('command', '')}`; headline "
+            f"numbers and token tables in [`{rel}/summary.md`]({rel}/summary.md).",
+            "",
+        ]
+        for name, caption in FIGURES:
+            if (folder / f"{name}.png").exists():
+                out.append(f"![{caption}]({rel}/{name}.png)")
+                out.append(f"*{caption}* (`{name}.png`, numbers in `{name}.json`)")
+                out.append("")
+    return out
+
+
 def findings(pairs: list[tuple[str, str, str, dict[str, Any]]]) -> list[str]:
     out = []
     for s, t, _, r in pairs:
@@ -423,7 +454,8 @@ def main() -> None:
         st = r["settings"]
         tox = (
             f"{st['tox_eval']} evaluation / {st['tox_val']} validation prompts per group, "
-            f"α grid {st['tox_alphas']}"
+            f"α grid {st['tox_alphas']}, fairness vector from {st['fair_per_group']} neutral "
+            f"and {st['fair_per_group']} hate statements per group"
             if "toxigen" in r
             else "ToxiGen not run (see the command's script for why)"
         )
@@ -461,6 +493,8 @@ def main() -> None:
     lines += sweeps(pairs)
     lines += ["## Emotion transplant (issue 3, paper Fig. 2a)", ""]
     lines += emotion_summary()
+    lines += ["## What moved inside the target (issue 5; `bash experiments/run_analysis.sh`)", ""]
+    lines += analysis_section()
     Path(args.out).write_text("\n".join(lines).rstrip() + "\n")
     print(f"wrote {args.out}")
 

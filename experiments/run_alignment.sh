@@ -2,7 +2,7 @@
 # Regenerates experiments/results/alignment/ (issue 4: TruthfulQA, ToxiGen, perplexity).
 # Usage: bash experiments/run_alignment.sh [gemma|qwen-gemma|qwen|all]
 # CPU (one core each, two or three runs side by side): gemma ~100 min, qwen-gemma ~70 min,
-# qwen ~110 min.
+# qwen ~150 min.
 # A finished configuration is kept under <pair>/runs/ and reused, so a rerun resumes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,11 +22,13 @@ if [[ "$which" == qwen-gemma || "$which" == all ]]; then
 fi
 if [[ "$which" == qwen || "$which" == all ]]; then
   # Qwen2.5-Coder 0.5B -> 1.5B (both instruct; same tokenizer, every-token maps on 500
-  # sentences as in the emotion run). CPU budget: 60 evaluation / 20 validation questions,
-  # clean protocol only; no ToxiGen (refining the 1.5B model's own fairness vector from
-  # 1,300 prompts and generating ~200 continuations is several hours on one core), and no
-  # perplexity (the session's CPU time ran out; vectors were not yet kept on disk then).
+  # sentences as in the emotion run). CPU budget (the 1.5B model reads ~5 s per question
+  # and generates ~8 s per prompt on one core): TruthfulQA on 60 evaluation / 20 validation
+  # questions, clean protocol only; ToxiGen reduced to a fairness vector from 10 statements
+  # per group and side, 3 evaluation and 1 validation prompts per group, alpha in {0.3, 1.5};
+  # perplexity for the ToxiGen alphas only (no honesty-vector perplexity).
   python experiments/run_alignment.py --source qwen2.5-coder-0.5b-instruct \
     --target qwen2.5-coder-1.5b-instruct --n-map-texts 500 --protocols clean \
-    --tqa-eval 60 --tqa-val 20 --parts truthfulqa
+    --tqa-eval 60 --tqa-val 20 --parts truthfulqa,toxigen,perplexity \
+    --fair-per-group 10 --tox-eval 3 --tox-val 1 --tox-alphas 0.3,1.5 --ppl-methods none
 fi
