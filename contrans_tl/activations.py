@@ -91,11 +91,87 @@ def forward_until(
     """Run ``model`` on a padded batch with ``hooks``, letting a hook stop it early.
 
     Hooks may raise :class:`_StopForward` once they have what they need; the hooks are
-    removed whatever happens.
+    removed whatever happens. A ``TransformerBridge`` is told ``use_cache=False``: its
+    Hugging Face model would otherwise build a KV cache (keys and values of every layer,
+    kept for the whole pass) that a read never uses.
     """
     device = model_device(model)
+    extra: dict[str, Any] = {"use_cache": False} if hasattr(model, "original_model") else {}
     with model.hooks(fwd_hooks=hooks), contextlib.suppress(_StopForward):
-        model(ids.to(device), attention_mask=mask.to(device).long(), return_type=None)
+        model(ids.to(device), attention_mask=mask.to(device).long(), return_type=None, **extra)
+
+
+Capture = Callable[[list[int], int, Tensor], None]
+
+
+def _forward_batches(
+    model: Any,
+    encodings: Sequence[Encoding],
+    positions: Sequence[Sequence[int]],
+    layers: Sequence[int],
+    capture: Capture,
+    *,
+    batch_size: int,
+    progress: bool | None,
+    desc: str,
+) -> Iterator[tuple[list[int], list[int]]]:
+    """Run the batches; for each, call ``capture(text_indices, layer, rows)`` from the hook.
+
+    ``rows`` is ``[sum of counts, d_model]`` on the model's device: the states of the
+    batch's texts at their positions, text after text, in ``text_indices`` order. Yields
+    ``(text_indices, counts)`` after each batch. Validation as in :func:`iter_resid_post`.
+    """
+    if len(encodings) != len(positions):
+        raise ValueError(
+            f"got {len(encodings)} encodings but {len(positions)} position lists; "
+            "they must match one to one"
+        )
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    layer_list = check_layers(model, layers)
+    deepest = layer_list[-1]
+    for i, (enc, pos) in enumerate(zip(encodings, positions)):
+        bad = [p for p in pos if not 0 <= p < len(enc)]
+        if bad:
+            raise ValueError(f"text {i} has {len(enc)} tokens; positions {bad} are out of range")
+    order = sorted(range(len(encodings)), key=lambda i: -len(encodings[i]))
+    pad = pad_token_id(model.tokenizer)
+    device = model_device(model)
+    show = len(encodings) > 256 if progress is None else progress
+    bar = tqdm(total=len(encodings), desc=desc, disable=not show, leave=False)
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            ids, mask = pad_left([encodings[i].ids for i in idx], pad)
+            width = ids.shape[1]
+            rows: list[int] = []
+            cols: list[int] = []
+            counts: list[int] = []
+            for r, i in enumerate(idx):
+                shift = width - len(encodings[i])
+                rows.extend([r] * len(positions[i]))
+                cols.extend(p + shift for p in positions[i])
+                counts.append(len(positions[i]))
+            if rows:
+                row_t = torch.tensor(rows, dtype=torch.long, device=device)
+                col_t = torch.tensor(cols, dtype=torch.long, device=device)
+
+                def make_hook(
+                    layer: int, idx_: list[int], rows_: Tensor, cols_: Tensor
+                ) -> Callable[..., None]:
+                    def hook(resid: Tensor, *, hook: Any) -> None:
+                        capture(idx_, layer, resid[rows_, cols_].detach())
+                        if layer == deepest:
+                            raise _StopForward
+
+                    return hook
+
+                hooks = [(resid_post_name(k), make_hook(k, idx, row_t, col_t)) for k in layer_list]
+                forward_until(model, ids, mask, hooks)
+            yield idx, counts
+            bar.update(len(idx))
+    finally:
+        bar.close()
 
 
 def iter_resid_post(
@@ -124,62 +200,28 @@ def iter_resid_post(
         progress: show a progress bar; ``None`` shows one for more than 256 texts.
         desc: progress bar label.
     """
-    if len(encodings) != len(positions):
-        raise ValueError(
-            f"got {len(encodings)} encodings but {len(positions)} position lists; "
-            "they must match one to one"
-        )
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     layer_list = check_layers(model, layers)
-    deepest = layer_list[-1]
-    for i, (enc, pos) in enumerate(zip(encodings, positions)):
-        bad = [p for p in pos if not 0 <= p < len(enc)]
-        if bad:
-            raise ValueError(f"text {i} has {len(enc)} tokens; positions {bad} are out of range")
-    order = sorted(range(len(encodings)), key=lambda i: -len(encodings[i]))
-    pad = pad_token_id(model.tokenizer)
-    show = len(encodings) > 256 if progress is None else progress
-    bar = tqdm(total=len(encodings), desc=desc, disable=not show, leave=False)
-    try:
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            ids, mask = pad_left([encodings[i].ids for i in idx], pad)
-            width = ids.shape[1]
-            rows: list[int] = []
-            cols: list[int] = []
-            counts: list[int] = []
-            for r, i in enumerate(idx):
-                shift = width - len(encodings[i])
-                rows.extend([r] * len(positions[i]))
-                cols.extend(p + shift for p in positions[i])
-                counts.append(len(positions[i]))
-            device = model_device(model)
-            row_t = torch.tensor(rows, dtype=torch.long, device=device)
-            col_t = torch.tensor(cols, dtype=torch.long, device=device)
-            captured: dict[int, Tensor] = {}
+    captured: dict[int, Tensor] = {}
 
-            def make_hook(
-                layer: int, store: dict[int, Tensor], rows_: Tensor, cols_: Tensor
-            ) -> Callable[..., None]:
-                def hook(resid: Tensor, *, hook: Any) -> None:
-                    store[layer] = resid[rows_, cols_].detach().float().cpu()
-                    if layer == deepest:
-                        raise _StopForward
+    def capture(_idx: list[int], layer: int, rows: Tensor) -> None:
+        captured[layer] = rows.float().cpu()
 
-                return hook
-
-            hooks = [(resid_post_name(k), make_hook(k, captured, row_t, col_t)) for k in layer_list]
-            if rows:
-                forward_until(model, ids, mask, hooks)
-            out: dict[int, list[Tensor]] = {}
-            for k in layer_list:
-                flat = captured.get(k, torch.empty(0, 0))
-                out[k] = list(flat.split(counts)) if rows else [torch.empty(0)] * len(idx)
-            yield list(idx), out
-            bar.update(len(idx))
-    finally:
-        bar.close()
+    for idx, counts in _forward_batches(
+        model,
+        encodings,
+        positions,
+        layer_list,
+        capture,
+        batch_size=batch_size,
+        progress=progress,
+        desc=desc,
+    ):
+        out: dict[int, list[Tensor]] = {}
+        for k in layer_list:
+            flat = captured.pop(k, None)
+            out[k] = list(flat.split(counts)) if flat is not None else [torch.empty(0)] * len(idx)
+        yield list(idx), out
+        del out  # the consumer's copy is the only one left during the next batch
 
 
 def read_resid_post(
@@ -217,17 +259,38 @@ def read_resid_post(
     layer_list = check_layers(model, layers)
     encs = encode(model.tokenizer, texts, max_length=max_length)
     sel = [select_positions(e, positions) for e in encs]
-    per_text: list[dict[int, Tensor] | None] = [None] * len(encs)
-    for idx, states in iter_resid_post(
-        model, encs, [s[0] for s in sel], layer_list, batch_size=batch_size, progress=progress
+    # Each text's rows go straight to their final place in one preallocated tensor per
+    # layer, so the states are held once (no per-text pieces concatenated at the end).
+    counts = [len(s[0]) for s in sel]
+    starts = [0] * len(counts)
+    for i in range(1, len(counts)):
+        starts[i] = starts[i - 1] + counts[i - 1]
+    total = sum(counts)
+    d_model = int(model.cfg.d_model)
+    stacked = {k: torch.empty(total, d_model, dtype=torch.float32) for k in layer_list}
+    dest: dict[str, Any] = {"idx": None, "rows": None}
+
+    def capture(idx: list[int], layer: int, rows: Tensor) -> None:
+        # the hook's rows go straight to their final place: no per-batch copies kept
+        if dest["idx"] is not idx:
+            dest["idx"] = idx
+            dest["rows"] = torch.tensor(
+                [r for i in idx for r in range(starts[i], starts[i] + counts[i])],
+                dtype=torch.long,
+            )
+        stacked[layer].index_copy_(0, dest["rows"], rows.float().cpu())
+
+    for _ in _forward_batches(
+        model,
+        encs,
+        [s[0] for s in sel],
+        layer_list,
+        capture,
+        batch_size=batch_size,
+        progress=progress,
+        desc="reading activations",
     ):
-        for j, i in enumerate(idx):
-            per_text[i] = {k: states[k][j] for k in layer_list}
-    d_model = model.cfg.d_model
-    stacked = {
-        k: torch.cat([p[k].reshape(-1, d_model) for p in per_text if p is not None])
-        for k in layer_list
-    }
+        pass
     text_index = torch.cat(
         [torch.full((len(s[0]),), i, dtype=torch.long) for i, s in enumerate(sel)]
     )

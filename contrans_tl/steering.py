@@ -20,7 +20,7 @@ Example:
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -62,34 +62,95 @@ class PositionState:
     prompt_length: int | None = None
     offset: int = 0
     attention_mask: Tensor | None = None
+    # The ``[batch, seq, 1]`` weight of the last pass, shared by the hooks of all layers
+    # (it depends only on the fields above): (key, mask it was made from, weight or None
+    # for "every position"). The mask is held, so its identity cannot be reused.
+    _memo: tuple[Any, Tensor | None, Tensor | None] | None = field(
+        default=None, repr=False, compare=False
+    )
 
     def reset(self) -> None:
         self.prompt_length, self.offset, self.attention_mask = None, 0, None
+        self._memo = None
+
+    def weight(self, positions: "StepPositions", resid: Tensor) -> Tensor | None:
+        """``[batch, seq, 1]`` in ``resid``'s dtype: 1 where ``positions`` are steered
+        (padding never), 0 elsewhere; ``None`` when every position is steered."""
+        mask = self.attention_mask
+        batch, seq = int(resid.shape[0]), int(resid.shape[1])
+        version = -1 if mask is None else _version(mask)
+        if version is None:  # an inference tensor: no version counter, so no memo
+            return _step_weight(positions, self, batch, seq, resid)
+        key = (
+            positions,
+            self.prompt_length,
+            self.offset,
+            batch,
+            seq,
+            resid.device,
+            resid.dtype,
+            version,
+        )
+        memo = self._memo
+        if memo is not None and memo[0] == key and memo[1] is mask:
+            return memo[2]
+        weight = _step_weight(positions, self, batch, seq, resid)
+        self._memo = (key, mask, weight)
+        return weight
+
+
+def _version(t: Tensor) -> int | None:
+    """The tensor's in-place version counter; ``None`` for inference tensors (no counter)."""
+    try:
+        return int(t._version)
+    except RuntimeError:
+        return None
+
+
+def _step_weight(
+    positions: "StepPositions", state: PositionState, batch: int, seq: int, resid: Tensor
+) -> Tensor | None:
+    if positions == "all" and state.attention_mask is None:
+        return None
+    absolute = state.offset + torch.arange(seq, device=resid.device)
+    prompt_length = state.prompt_length
+    if positions == "all" or (positions == "prompt" and prompt_length is None):
+        keep = torch.ones(seq, dtype=torch.bool, device=resid.device)
+    elif prompt_length is None:  # "generated" on a bare forward pass: nothing is generated
+        keep = torch.zeros(seq, dtype=torch.bool, device=resid.device)
+    elif positions == "prompt":
+        keep = absolute < prompt_length
+    else:
+        keep = absolute >= prompt_length
+    weight = keep[None, :].expand(batch, seq)
+    if state.attention_mask is not None:
+        m = state.attention_mask[:, state.offset : state.offset + seq].to(resid.device)
+        weight = weight & m.bool()
+    if bool(weight.all()):
+        return None
+    return weight[..., None].to(resid.dtype)
 
 
 def _addition_hook(
     delta: Float[Tensor, " d_model"], positions: StepPositions, state: PositionState
 ) -> Callable[..., Tensor]:
+    # delta on the residual stream's device and dtype, made once (not on every call);
+    # an in-place change of delta bumps its version and is picked up
+    cast: dict[tuple[torch.device, torch.dtype, int | None], Tensor] = {}
+
     def hook(resid: Tensor, *, hook: Any) -> Tensor:
-        d = delta.to(device=resid.device, dtype=resid.dtype)
-        if positions == "all" and state.attention_mask is None:
+        version = _version(delta)
+        where = (resid.device, resid.dtype, version)
+        d = cast.get(where) if version is not None else None
+        if d is None:
+            cast.clear()
+            d = delta.to(device=resid.device, dtype=resid.dtype)
+            if version is not None:
+                cast[where] = d
+        weight = state.weight(positions, resid)
+        if weight is None:
             return resid + d
-        seq = resid.shape[1]
-        absolute = state.offset + torch.arange(seq, device=resid.device)
-        prompt_length = state.prompt_length
-        if positions == "all" or (positions == "prompt" and prompt_length is None):
-            keep = torch.ones(seq, dtype=torch.bool, device=resid.device)
-        elif prompt_length is None:  # "generated" on a bare forward pass: nothing is generated
-            keep = torch.zeros(seq, dtype=torch.bool, device=resid.device)
-        elif positions == "prompt":
-            keep = absolute < prompt_length
-        else:
-            keep = absolute >= prompt_length
-        weight = keep[None, :].expand(resid.shape[0], seq)
-        if state.attention_mask is not None:
-            m = state.attention_mask[:, state.offset : state.offset + seq].to(resid.device)
-            weight = weight & m.bool()
-        return resid + weight[..., None].to(resid.dtype) * d
+        return resid + weight * d
 
     return hook
 

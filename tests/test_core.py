@@ -345,6 +345,42 @@ def test_position_semantics_exactly(small_llama):
     assert bare[..., 0].tolist() == [[1.0, 1.0, 1.0]]
 
 
+def test_position_weight_is_shared_but_never_stale():
+    """The per-pass position weight is computed once for all layers' hooks, and is
+    recomputed when the mask or the offset changes, also in place; an in-place change of
+    the vector is picked up too."""
+    from contrans_tl.steering import PositionState, _addition_hook
+
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    state = PositionState(prompt_length=3, offset=0, attention_mask=mask)
+    d = torch.ones(4)
+    hooks = [_addition_hook(d, "prompt", state) for _ in range(3)]  # three "layers"
+    x = torch.zeros(2, 3, 4)
+    first = [h(x, hook=None)[..., 0].tolist() for h in hooks]
+    assert first == [[[0, 1, 1], [1, 1, 1]]] * 3
+    w1 = state.weight("prompt", x)
+    assert w1 is state.weight("prompt", x)  # memoized within a pass
+    mask[1, 0] = 0  # in place: a new pad in row 1
+    assert hooks[0](x, hook=None)[..., 0].tolist() == [[0, 1, 1], [0, 1, 1]]
+    state.attention_mask = torch.ones(2, 3, dtype=torch.long)  # a new mask object
+    assert hooks[1](x, hook=None)[..., 0].tolist() == [[1, 1, 1], [1, 1, 1]]
+    state.offset = 2  # a cached step at absolute position 2, then 3 (generated)
+    y = torch.zeros(2, 1, 4)
+    assert hooks[2](y, hook=None)[..., 0].tolist() == [[1], [1]]
+    state.offset = 3
+    state.attention_mask = torch.ones(2, 4, dtype=torch.long)
+    assert hooks[2](y, hook=None)[..., 0].tolist() == [[0], [0]]
+    d.mul_(2)  # the vector changed in place
+    state.offset = 0
+    state.attention_mask = None
+    assert hooks[0](x, hook=None)[..., 0].tolist() == [[2, 2, 2], [2, 2, 2]]
+    with torch.inference_mode():  # inference tensors carry no version counter: no memo
+        m = torch.tensor([[0, 1, 1], [1, 1, 1]])
+        st = PositionState(prompt_length=3, offset=0, attention_mask=m)
+        out = _addition_hook(torch.ones(4), "all", st)(torch.zeros(2, 3, 4), hook=None)
+        assert out[..., 0].tolist() == [[0, 1, 1], [1, 1, 1]]
+
+
 def test_map_scorer_r2_against_direct_computation_and_single_target():
     g = torch.Generator().manual_seed(3)
     w, b = torch.randn(5, 7, generator=g), torch.randn(7, generator=g)
