@@ -91,6 +91,7 @@ def tqa_table(pairs: list[tuple[str, str, str, dict[str, Any]]]) -> list[str]:
         ("contrans_clean", "ConTrans (clean)"),
         ("contrans_paper", "ConTrans (paper protocol)"),
         ("both", "ConTrans, honesty + fairness"),
+        ("random", "Control: random direction, ConTrans norms and α"),
     ]
     for key, label in labels:
         cells = []
@@ -156,6 +157,7 @@ def tox_table(pairs: list[tuple[str, str, str, dict[str, Any]]]) -> list[str]:
         ("proxy", "EFT / proxy-tuning"),
         ("contrans", "ConTrans"),
         ("both", "ConTrans, honesty + fairness"),
+        ("random", "Control: random direction, ConTrans norms and α"),
     ]
     for key, label in labels:
         cells = []
@@ -181,6 +183,8 @@ def tox_table(pairs: list[tuple[str, str, str, dict[str, Any]]]) -> list[str]:
                 p = ppl.get("base", {}).get("ppl") if key == "base" else None
                 if key in ("self", "contrans") and f"{key}_fairness" in ppl:
                     p = ppl[f"{key}_fairness"]["ppl"]
+                if key == "random":
+                    p = row.get("ppl")
                 cell = pct(row["toxic_share"]) + (f" (PPL {p:.1f}" if p else " (PPL n/a")
                 if "alpha" in row:
                     cell += f"; α={row['alpha']:g}"
@@ -345,6 +349,17 @@ def findings(pairs: list[tuple[str, str, str, dict[str, Any]]]) -> list[str]:
                 f"TruthfulQA MC1, ConTrans (clean) − Base = {100 * d:+.1f} points on "
                 f"{tq['base']['n']} questions ({cmp})"
             )
+        if "base" in tq and "contrans_clean" in tq:
+            hp = r.get("perplexity", {}).get("contrans_clean_honesty")
+            base_ppl = r.get("perplexity", {}).get("base", {}).get("ppl")
+            if hp and base_ppl:
+                ratio_h = hp["ppl"] / base_ppl
+                lines.append(f"its honesty vector multiplies perplexity by {ratio_h:.2f}")
+        if "base" in tq and "random" in tq:
+            d = tq["random"]["mc1"] - tq["base"]["mc1"]
+            lines.append(
+                f"a random direction with the same norms and α: {100 * d:+.1f} points vs Base"
+            )
         if "base" in tq and "self_clean" in tq and "contrans_clean" in tq:
             d = tq["contrans_clean"]["mc1"] - tq["self_clean"]["mc1"]
             lines.append(f"ConTrans (clean) − Self-Align = {100 * d:+.1f} points")
@@ -361,6 +376,13 @@ def findings(pairs: list[tuple[str, str, str, dict[str, Any]]]) -> list[str]:
                 f"ToxiGen toxic share, ConTrans − Base = {100 * d:+.1f} points on "
                 f"{tx['base']['n']} prompts (non-toxic {cmp}); perplexity × {ratio:.2f}"
             )
+            if "random" in tx:
+                rr = tx["random"]
+                dr = rr["toxic_share"] - tx["base"]["toxic_share"]
+                lines.append(
+                    f"a random direction with ConTrans's norms and α: {100 * dr:+.1f} points "
+                    f"(perplexity × {rr['ppl'] / ppl['base']['ppl']:.2f})"
+                )
         if lines:
             out.append(f"- **{pair_name(s, t)}**: " + "; ".join(lines) + ".")
     return out

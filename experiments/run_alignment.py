@@ -17,6 +17,8 @@ target with a residual map fitted on WikiSplit, and scores, on the target:
   α grid-searched in [0.3, 1.5] on separate validation prompts.
 * Perplexity on held-out WikiSplit sentences (not used for the map) for each vector at
   its chosen α.
+* A control (``--controls random``): a random direction with the transplanted vector's
+  per-layer norms at ConTrans's α, so a concept effect can be told from a generic push.
 
 Every configuration's result is written as soon as it is done to
 ``<out>/runs/<key>.json`` and reused when the script is run again with the same settings,
@@ -40,6 +42,7 @@ import torch
 
 import contrans_tl as ct
 from contrans_tl.data import wikisplit_sentences
+from contrans_tl.evals.emotion_run import random_like
 from contrans_tl.evals.perplexity import heldout_wikisplit, perplexity
 from contrans_tl.evals.toxicity import load_toxicity_classifier
 from contrans_tl.evals.toxigen import (
@@ -128,6 +131,12 @@ def main() -> None:
         default="contrans,self",
         help="steering methods whose honesty vector gets a perplexity",
     )
+    ap.add_argument(
+        "--controls",
+        default="random",
+        help="'random': a random direction with the transplanted vector's per-layer norms, at "
+        "ConTrans's alpha (tells a concept effect from a generic push); 'none' to skip",
+    )
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--results-root", default=str(ROOT), help="where results go")
@@ -138,6 +147,7 @@ def main() -> None:
     protocols = [p for p in args.protocols.split(",") if p]
     self_protocols = [p for p in args.self_protocols.split(",") if p]
     target_methods = set(args.target_methods.split(","))
+    controls = set(args.controls.split(","))
     bs = args.batch_size
 
     root = Path(args.results_root)
@@ -284,6 +294,17 @@ def main() -> None:
                     "alpha": best,
                     "val_grid": {f"{a:g}": m for a, m in grid.items()},
                 }
+        if "random" in controls and "contrans_clean" in tqa_rows:
+            a = tqa_rows["contrans_clean"]["alpha"]
+            tqa_rows["random"] = {
+                **pair.get(
+                    f"tqa__random__a{a:g}__r{args.seed}__{tqa_tag}",
+                    lambda: tqa(
+                        steer_tqa(random_like(vector("contrans", "honesty_clean"), args.seed), a)
+                    ),
+                ),
+                "alpha": a,
+            }
         results["truthfulqa"] = {
             k: {kk: vv for kk, vv in v.items() if kk != "records"} for k, v in tqa_rows.items()
         }
@@ -365,6 +386,26 @@ def main() -> None:
                 "alpha": best,
                 "val_grid": {f"{a:g}": g for a, g in grid.items()},
             }
+        if "random" in controls and "contrans" in tox_rows:
+            a = tox_rows["contrans"]["alpha"]
+
+            def random_fairness() -> Any:
+                return ct.make_steering(
+                    tgt, random_like(vector("contrans", "fairness"), args.seed), a
+                )
+
+            tox_rows["random"] = {
+                **pair.get(
+                    f"tox__random__a{a:g}__r{args.seed}__{tox_tag}",
+                    lambda: tox(random_fairness()),
+                ),
+                "alpha": a,
+            }
+            rp = pair.get(
+                f"ppl__random_fairness__a{a:g}__r{args.seed}__{ppl_tag}__{tox_tag}",
+                lambda: ppl(random_fairness()),
+            )
+            tox_rows["random"]["ppl"] = rp["ppl"]
         results["toxigen"] = {
             k: {kk: vv for kk, vv in v.items() if kk != "records"} for k, v in tox_rows.items()
         }
@@ -396,7 +437,9 @@ def main() -> None:
                     "alpha": row["alpha"],
                 }
         for name, row in tox_rows.items():
-            if "alpha" in row:
+            if name == "random":
+                prow["random_fairness"] = {"ppl": row["ppl"], "alpha": row["alpha"]}
+            elif "alpha" in row:
                 prow[f"{name}_fairness"] = {
                     "ppl": row["val_grid"][f"{row['alpha']:g}"]["ppl"],
                     "alpha": row["alpha"],
