@@ -26,7 +26,8 @@ if [[ "$which" == qwen || "$which" == all ]]; then
   # and generates ~8 s per prompt on one core): TruthfulQA on 60 evaluation / 20 validation
   # questions, clean protocol only; ToxiGen reduced to a fairness vector from 10 statements
   # per group and side, 3 evaluation and 1 validation prompts per group, alpha in {0.3, 1.5};
-  # perplexity for the ToxiGen alphas only (no honesty-vector perplexity).
+  # perplexity for the ToxiGen alphas only (no honesty-vector perplexity). The random-direction
+  # control (default --controls random) runs on the same reduced sets.
   python experiments/run_alignment.py --source qwen2.5-coder-0.5b-instruct \
     --target qwen2.5-coder-1.5b-instruct --n-map-texts 500 --protocols clean \
     --tqa-eval 60 --tqa-val 20 --parts truthfulqa,toxigen,perplexity \
