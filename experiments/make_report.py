@@ -329,6 +329,16 @@ def analysis_section() -> list[str]:
             f"numbers and token tables in [`{rel}/summary.md`]({rel}/summary.md).",
             "",
         ]
+        honesty = sorted(
+            folder.glob("token_shifts_honesty_L*.md"), key=lambda p: int(p.stem.split("_L")[-1])
+        )
+        if honesty:
+            links = ", ".join(f"[`{p.name}`]({rel}/{p.name})" for p in honesty)
+            out += [
+                f"Honesty vector's token shifts (Table 8 format, transplanted beside the "
+                f"source's own vector; `experiments/honesty_token_shifts.py`): {links}.",
+                "",
+            ]
         for name, caption in FIGURES:
             if (folder / f"{name}.png").exists():
                 out.append(f"![{caption}]({rel}/{name}.png)")
