@@ -21,6 +21,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import contrans_tl as ct
 from contrans_tl.analysis import aggregate_shifts, token_shifts
@@ -106,29 +107,24 @@ def main() -> None:
     for tl in layers:
         sl = rmap.source_layer(tl)
         log(f"token shifts at target layer {tl} / source layer {sl}")
-        tr = token_shifts(
-            tgt,
-            [format_question(tgt, q.question) for q in read],
-            tr_vec,
-            args.alpha,
-            layers=[tl],
-            k=args.k,
-            mode="direct",
-            batch_size=args.batch_size,
-        )[tl]
-        sr = token_shifts(
-            src,
-            [format_question(src, q.question) for q in read],
-            src_vec,
-            args.alpha,
-            layers=[sl],
-            k=args.k,
-            mode="direct",
-            batch_size=args.batch_size,
-        )[sl]
+
+        def counts(model: Any, vec: ct.ConceptVector, layer: int) -> Any:
+            texts = [format_question(model, q.question) for q in read]
+            shifts = token_shifts(
+                model,
+                texts,
+                vec,
+                args.alpha,
+                layers=[layer],
+                k=args.k,
+                mode="direct",
+                batch_size=args.batch_size,
+            )[layer]
+            return aggregate_shifts(shifts, top=args.top)
+
         pair_tables = {
-            f"honesty: transplanted, {args.target} L{tl}": aggregate_shifts(tr, top=args.top),
-            f"honesty: source vector, {args.source} L{sl}": aggregate_shifts(sr, top=args.top),
+            f"honesty: transplanted, {args.target} L{tl}": counts(tgt, tr_vec, tl),
+            f"honesty: source vector, {args.source} L{sl}": counts(src, src_vec, sl),
         }
         tables[tl] = pair_tables
         note = (
