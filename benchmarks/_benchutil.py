@@ -234,3 +234,18 @@ def fmt(x: float | None, spec: str = ".2f", none: str = "-") -> str:
 
 def this_python() -> str:
     return sys.executable
+
+
+def weight_counts(model: Any) -> dict[str, int]:
+    """Matrix-product weights: inside the blocks, and the unembedding (``d_model × d_vocab``)."""
+    blocks = 0
+    names = []
+    for name, p in model.named_parameters():
+        in_block = "blocks." in name or "layers." in name  # HookedTransformer / bridge names
+        if p.ndim == 2 and in_block and "embed" not in name and "lm_head" not in name:
+            blocks += p.numel()
+            names.append(name)
+    if not names:
+        raise RuntimeError("found no 2-D weights under 'blocks.' or 'layers.'; cannot count FLOPs")
+    cfg = model.cfg
+    return {"blocks": blocks, "unembed": cfg.d_model * cfg.d_vocab, "n_block_matrices": len(names)}

@@ -37,6 +37,9 @@ from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _benchutil import weight_counts  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent
 MODELS = [
     "smollm2-135m-instruct",
@@ -57,21 +60,6 @@ def matmul_rate(size: int = 2048, repeats: int = 5) -> float:
         torch.matmul(a, b)
         best = min(best, time.perf_counter() - t)
     return 2 * size**3 / best
-
-
-def weight_counts(model: Any) -> dict[str, int]:
-    """Matrix-product weights: inside the blocks, and the unembedding (``d_model × d_vocab``)."""
-    blocks = 0
-    names = []
-    for name, p in model.named_parameters():
-        in_block = "blocks." in name or "layers." in name  # HookedTransformer / bridge names
-        if p.ndim == 2 and in_block and "embed" not in name and "lm_head" not in name:
-            blocks += p.numel()
-            names.append(name)
-    if not names:
-        raise RuntimeError("found no 2-D weights under 'blocks.' or 'layers.'; cannot count FLOPs")
-    cfg = model.cfg
-    return {"blocks": blocks, "unembed": cfg.d_model * cfg.d_vocab, "n_block_matrices": len(names)}
 
 
 def worker(name: str, n: int, batch_size: int, repeats: int) -> dict[str, Any]:

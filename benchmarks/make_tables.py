@@ -7,6 +7,8 @@ Usage:
     python benchmarks/make_tables.py --results DIR --out FILE
 
 A benchmark whose JSON is missing is listed as "not run" (nothing is filled in for it).
+Further runs of a script, written with ``--out results/{name}_{label}.json`` (e.g.
+``eval_smollm2-135m-instruct.json``), get a subsection of their own under it.
 """
 
 import argparse
@@ -194,6 +196,12 @@ def evaluation(d: dict[str, Any]) -> list[str]:
             lambda r: (
                 f"same MC1 pick {r['same_mc1_pick']:.3f}, "
                 f"max abs score diff {r['max_abs_score_diff']:.1e}"
+                + (
+                    f"; FLOP bound of sharing on these prompts {r['flop_bound_speedup']:.2f}x, "
+                    f"reached {r['speedup'] / r['flop_bound_speedup']:.0%}"
+                    if "flop_bound_speedup" in r
+                    else ""
+                )
             ),
             True,
         ),
@@ -333,9 +341,14 @@ def render(results: Path) -> str:
         path = results / f"{key}.json"
         if not path.exists():
             lines += [f"Not run (no `{path.name}`; `python benchmarks/{FILES[key]}`).", ""]
-            continue
-        d = json.loads(path.read_text())
-        lines += _source(d) + fn(d)
+        else:
+            d = json.loads(path.read_text())
+            lines += _source(d) + fn(d)
+        # further runs of the same script (another model, say): ``{key}_{label}.json``
+        for extra in sorted(results.glob(f"{key}_*.json")):
+            d = json.loads(extra.read_text())
+            lines += [f"### {title}: {extra.stem[len(key) + 1 :]}", ""]
+            lines += _source(d) + fn(d)
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -17,6 +17,7 @@ from contrans_tl.evals.truthfulqa import (
     honesty_prompts,
     load_truthfulqa,
     score_choices,
+    score_many,
     split_questions,
 )
 from contrans_tl.models import model_provenance
@@ -256,7 +257,7 @@ def test_forced_winner_and_mc2(small_llama):
 def test_ties_count_as_wrong(small_llama, monkeypatch):
     import contrans_tl.evals.truthfulqa as tqa
 
-    monkeypatch.setattr(tqa, "score_choices", lambda model, ctx, choices, **kw: [-1.0, -1.0, -3.0])
+    monkeypatch.setattr(tqa, "score_many", lambda model, items, **kw: [[-1.0, -1.0, -3.0]])
     q = MCQuestion("Q?", ["a", "b", "c"], 0, ["a", "b", "c"], [1, 1, 0])
     r = evaluate_mc(small_llama, [q], mc2=True)
     assert r["records"][0]["correct"] is False and r["records"][0]["chosen"] == 1
@@ -269,7 +270,9 @@ def test_evaluate_mc_on_real_questions(small_gemma, questions):
     res = evaluate_mc(
         small_gemma, questions[:3], mc2=True, progress=lambda d, t: calls.append((d, t))
     )
-    assert calls == [(1, 3), (2, 3), (3, 3)]
+    # called per group of questions scored together: counts rise to the total
+    assert calls[-1] == (3, 3) and all(t == 3 for _, t in calls)
+    assert [d for d, _ in calls] == sorted({d for d, _ in calls}) and calls[0][0] >= 1
     assert res["n"] == 3 and not res["chat"] and res["separator"] == " "
     assert res["inexact_splits"] == 0
     assert 0.0 <= res["mc1"] <= 1.0 and 0.0 < res["mc2"] < 1.0
@@ -390,3 +393,99 @@ def test_padding_is_never_steered(small_gemma, questions, reuse):
     one = score_choices(model, enc.context_ids, enc.choice_ids, steering=steering, batch_size=1)
     four = score_choices(model, enc.context_ids, enc.choice_ids, steering=steering, batch_size=4)
     assert one == pytest.approx(four, abs=1e-4)
+
+
+# --- many questions at once ---------------------------------------------------------------
+
+
+def _items(model, questions, picks):
+    out = []
+    for i in picks:
+        q = questions[i]
+        enc = encode_choices(model, format_question(model, q.question), q.mc2_choices)
+        out.append((enc.context_ids, enc.choice_ids))
+    return out
+
+
+@pytest.mark.parametrize("model_name", ["small_llama", "small_gemma"])
+@pytest.mark.parametrize("batch_size", [1, 3, 64])
+def test_score_many_matches_hand_across_questions(model_name, batch_size, request, questions):
+    model = request.getfixturevalue(model_name)
+    items = _items(model, questions, [0, 4, 9, 21])
+    items.append(([5], [[7, 8, 9], [10]]))  # a one-token context: no prefix to cache
+    items.append((items[0][0][:3], [[11, 12], [13, 14, 15, 16]]))
+    assert len({len(c) for c, _ in items}) == len(items)  # every context length differs
+    got = score_many(model, items, batch_size=batch_size)
+    ref = score_many(model, items, batch_size=batch_size, reuse_prefix=False)
+    for (ctx, choices), g, r in zip(items, got, ref):
+        hand = _by_hand(model, ctx, choices)
+        assert g == pytest.approx(hand, abs=1e-4)
+        assert r == pytest.approx(hand, abs=1e-4)
+    alone = score_choices(model, [5], [[7, 8, 9], [10]], batch_size=batch_size)
+    assert got[-2] == pytest.approx(alone, abs=1e-5)  # batching changes only float noise
+
+
+def test_score_many_shares_forward_passes_across_questions(small_gemma, questions):
+    model = small_gemma
+    items = _items(model, questions, range(6))
+    n_choices = sum(len(c) for _, c in items)
+    assert n_choices <= 64
+
+    def count_passes(**kw):
+        seen: list[int] = []
+
+        def hook(resid, *, hook):
+            seen.append(resid.shape[0])
+
+        with model.hooks(fwd_hooks=[(resid_post_name(0), hook)]):
+            score_many(model, items, **kw)
+        return seen
+
+    # one prefill of the six contexts, then one pass with all their choices
+    assert count_passes(batch_size=64) == [6, n_choices]
+    # the reference runs each question's choices on their own
+    assert count_passes(batch_size=64, reuse_prefix=False) == [len(c) for _, c in items]
+    done: list[int] = []
+    score_many(model, items, batch_size=2, progress=done.append)
+    assert done[-1] == 6 and done == sorted(done) and len(done) > 1
+
+
+@pytest.mark.parametrize("positions", ["all", "prompt", "generated"])
+def test_score_many_steered_matches_per_question_reference(small_llama, questions, positions):
+    model = small_llama
+    items = _items(model, questions, [2, 3, 8])
+    steering = make_steering(model, _vector(model, seed=5), alpha=2.0, positions=positions)
+    got = score_many(model, items, steering=steering, batch_size=5)
+    plain = score_many(model, items, batch_size=5)
+    for (ctx, choices), g, p in zip(items, got, plain):
+        ref = score_choices(model, ctx, choices, steering=steering, reuse_prefix=False)
+        assert g == pytest.approx(ref, abs=1e-4)
+        assert max(abs(a - b) for a, b in zip(g, p)) > 1e-3  # the steering did something
+
+
+def test_score_many_applies_the_output_soft_cap(meta_tokenizer, questions):
+    from conftest import tiny_gemma3_hf
+
+    from contrans_tl.models import boot_bridge
+
+    capped_hf = tiny_gemma3_hf(meta_tokenizer, seed=7)
+    capped_hf.config.final_logit_softcapping = 0.5
+    capped = boot_bridge(capped_hf, meta_tokenizer, model_id="tiny-gemma3-capped")
+    plain = boot_bridge(
+        tiny_gemma3_hf(meta_tokenizer, seed=7), meta_tokenizer, model_id="tiny-gemma3-uncapped"
+    )
+    items = _items(capped, questions, [1, 6])
+    got = score_many(capped, items)
+    for (ctx, choices), g in zip(items, got):
+        assert g == pytest.approx(_by_hand(capped, ctx, choices), abs=1e-4)
+        # the cap matters on these models: without it the scores differ
+        assert max(abs(a - b) for a, b in zip(g, _by_hand(plain, ctx, choices))) > 1e-2
+
+
+def test_score_many_bad_input(small_llama):
+    with pytest.raises(ValueError, match="item 1: context_ids is empty"):
+        score_many(small_llama, [([3], [[4]]), ([], [[4]])])
+    with pytest.raises(ValueError, match=r"item 0: choices \[1\] have no tokens"):
+        score_many(small_llama, [([3], [[4], []]), ([3], [[4]])])
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        score_many(small_llama, [([3], [[4]])], batch_size=0)

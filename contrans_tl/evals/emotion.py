@@ -196,24 +196,26 @@ def _logits_at(model: Any, ids: Tensor, mask: Tensor, last: Tensor, **kwargs: An
     return model.unembed(got["h"][:, None, :])[:, 0].float()
 
 
-def prefill_cache(model: Any, ids: Tensor) -> Any:
+def prefill_cache(model: Any, ids: Tensor, attention_mask: Tensor | None = None) -> Any:
     """The KV cache of ``ids`` without computing any logits.
 
     An empty Hugging Face ``DynamicCache`` is filled in place by the forward pass, which
     stops at the final norm: the unembedding (262k columns for Gemma) never runs.
+    ``attention_mask`` (``[batch, pos]``, 0 at padding) is needed for left-padded rows.
     """
     from transformers import DynamicCache
 
+    kwargs: dict[str, Any] = {} if attention_mask is None else {"attention_mask": attention_mask}
     hf_config = getattr(getattr(model, "original_model", None), "config", None)
     if hf_config is None or "ln_final.hook_out" not in model.hook_dict:
-        return model(ids, return_type="logits_and_cache")[1]
+        return model(ids, return_type="logits_and_cache", **kwargs)[1]
     cache = DynamicCache(config=hf_config)
 
     def stop(x: Tensor, *, hook: Any) -> None:
         raise _StopForward
 
     with model.hooks(fwd_hooks=[("ln_final.hook_out", stop)]), contextlib.suppress(_StopForward):
-        model(ids, past_key_values=cache, return_type=None)
+        model(ids, past_key_values=cache, return_type=None, **kwargs)
     return cache
 
 

@@ -39,7 +39,9 @@ never has two BOS tokens.
 
 The context's KV cache is computed once per question and reused for all its answer
 choices (right-padded behind the cache), as :meth:`EmotionTask.predict
-<contrans_tl.evals.emotion.EmotionTask.predict>` does for its few-shot prefix.
+<contrans_tl.evals.emotion.EmotionTask.predict>` does for its few-shot prefix; contexts
+of several questions are prefilled together (left-padded) and their choices share
+forward passes, and only answer positions are unembedded (:func:`score_many`).
 
 Example:
     >>> questions = load_truthfulqa()
@@ -51,6 +53,7 @@ Example:
     0.28
 """
 
+import contextlib
 import copy
 import json
 import math
@@ -65,6 +68,7 @@ from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from contrans_tl.activations import _StopForward
 from contrans_tl.data import data_dir
 from contrans_tl.evals.emotion import prefill_cache
 from contrans_tl.sites import model_device
@@ -85,6 +89,7 @@ __all__ = [
     "answer_separator",
     "encode_choices",
     "score_choices",
+    "score_many",
     "evaluate_mc",
     "honesty_prompts",
     "split_questions",
@@ -422,7 +427,20 @@ def _sum_logprobs(
     return out
 
 
-@torch.no_grad()
+ChoiceItem = (
+    EncodedChoices | tuple[Sequence[int] | Int[Tensor, " ctx_pos"], Sequence[Sequence[int]]]
+)
+
+# A prefix group holds up to this many forward passes' worth of answer choices: their
+# contexts are prefilled in one left-padded pass, and their choices, sorted by length
+# across the group, fill the choice passes with little padding.
+_CHOICE_PASSES_PER_GROUP = 4
+
+# Valid answer positions unembedded per matrix product (bounds the log-softmax's memory
+# to this many rows of d_vocab floats).
+_UNEMBED_ROWS = 256
+
+
 def score_choices(
     model: Any,
     context_ids: Sequence[int] | Int[Tensor, " ctx_pos"],
@@ -432,21 +450,10 @@ def score_choices(
     batch_size: int = 16,
     reuse_prefix: bool = True,
 ) -> list[float]:
-    """Summed log-probability of each choice's tokens after the context.
+    """Summed log-probability of each choice's tokens after one context.
 
-    Args:
-        model: the TransformerLens model (``TransformerBridge``).
-        context_ids: the context's tokens (from :func:`encode_choices`), non-empty.
-        choice_ids_list: the choices' tokens, each non-empty.
-        steering: attached for the call (left attached if the caller attached it). Its
-            hooks are told that the context is the prompt (``prompt_length``), so
-            ``positions="all"`` steers context and answer, ``"prompt"`` the context
-            only, ``"generated"`` the answer tokens only; padding is never steered.
-        batch_size: choices per forward pass.
-        reuse_prefix: compute the KV cache of the context (all but its last token) once
-            and run ``[last context token] + choice[:-1]`` for each choice behind it,
-            right-padded (fast); ``False`` runs context + choice for every choice (the
-            reference the fast path must match).
+    One question's worth of :func:`score_many` (which batches across questions and is
+    what :func:`evaluate_mc` uses); the arguments mean the same.
 
     Returns:
         One float per choice, in the order given: ``Σ_j log p(choice_j | context, choice_<j)``.
@@ -459,59 +466,246 @@ def score_choices(
         >>> score_choices(model, enc.context_ids, enc.choice_ids)
         [-12.3, -15.1, -14.0, -13.7]
     """
-    ctx = [
-        int(i) for i in (context_ids.tolist() if isinstance(context_ids, Tensor) else context_ids)
-    ]
-    choices = [[int(i) for i in c] for c in choice_ids_list]
-    if not ctx:
-        raise ValueError("context_ids is empty; the first answer token needs a context")
-    empty = [i for i, c in enumerate(choices) if not c]
-    if empty:
-        raise ValueError(f"choices {empty} have no tokens; every choice needs at least one")
+    return score_many(
+        model,
+        [(context_ids, choice_ids_list)],
+        steering=steering,
+        batch_size=batch_size,
+        reuse_prefix=reuse_prefix,
+    )[0]
+
+
+def _as_ids(x: Sequence[int] | Tensor) -> list[int]:
+    return [int(i) for i in (x.tolist() if isinstance(x, Tensor) else x)]
+
+
+@torch.no_grad()
+def score_many(
+    model: Any,
+    items: Sequence[ChoiceItem],
+    *,
+    steering: Steering | None = None,
+    batch_size: int = 16,
+    reuse_prefix: bool = True,
+    progress: Callable[[int], None] | None = None,
+) -> list[list[float]]:
+    """Summed log-probability of every answer choice of many questions.
+
+    With ``reuse_prefix`` (the fast path), questions are taken in order of context length
+    and packed into groups. A group's contexts (all but their last token) run once, left
+    padded, filling a KV cache without computing logits. Its answer choices, sorted by
+    length, then run behind the cache in passes of ``batch_size`` rows, each row
+    ``[last context token] + choice[:-1]`` right-padded, with the cache rows of its own
+    question. Only the answer positions are unembedded. ``reuse_prefix=False`` is the
+    reference the fast path must match: context + choice in full for every choice, one
+    question at a time, scored from the model's own logits.
+
+    Args:
+        model: the TransformerLens model (``TransformerBridge``).
+        items: :class:`EncodedChoices`, or ``(context_ids, choice_ids)`` pairs, each with
+            a non-empty context and non-empty choices.
+        steering: attached for the call (left attached if the caller attached it). Its
+            hooks are told that the (padded) context is the prompt (``prompt_length``),
+            so ``positions="all"`` steers context and answer, ``"prompt"`` the context
+            only, ``"generated"`` the answer tokens only; padding is never steered.
+        batch_size: answer choices per forward pass.
+        reuse_prefix: share each question's context across its choices (fast), or not.
+        progress: called with the number of questions done after each group.
+
+    Returns:
+        Per item, one float per choice in the order given:
+        ``Σ_j log p(choice_j | context, choice_<j)``.
+
+    Raises:
+        ValueError: an empty context or choice, or ``batch_size < 1``.
+
+    Example:
+        >>> encs = [encode_choices(model, format_question(model, q.question), q.mc1_choices)
+        ...         for q in questions]
+        >>> scores = score_many(model, encs)   # scores[i][j]: question i, choice j
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    parsed: list[tuple[list[int], list[list[int]]]] = []
+    for n, item in enumerate(items):
+        ctx_raw: Sequence[int] | Tensor
+        choices_raw: Sequence[Sequence[int]]
+        if isinstance(item, EncodedChoices):
+            ctx_raw, choices_raw = item.context_ids, item.choice_ids
+        else:
+            ctx_raw, choices_raw = item
+        ctx = _as_ids(ctx_raw)
+        choices = [_as_ids(c) for c in choices_raw]
+        where = "" if len(items) == 1 else f"item {n}: "
+        if not ctx:
+            raise ValueError(f"{where}context_ids is empty; the first answer token needs a context")
+        empty = [i for i, c in enumerate(choices) if not c]
+        if empty:
+            raise ValueError(f"{where}choices {empty} have no tokens; every choice needs one")
+        parsed.append((ctx, choices))
+    scores: list[list[float]] = [[0.0] * len(c) for _, c in parsed]
+    done = 0
+    with steering_session(steering) as state:
+        if not reuse_prefix:
+            for q, (ctx, choices) in enumerate(parsed):
+                _score_unshared(model, state, ctx, choices, batch_size, scores[q])
+                done += 1
+                if progress is not None:
+                    progress(done)
+            return scores
+        order = sorted(range(len(parsed)), key=lambda q: (-len(parsed[q][0]), q))
+        capacity = batch_size * _CHOICE_PASSES_PER_GROUP
+        group: list[int] = []
+        n_choices = 0
+        for q in order + [-1]:
+            if group and (q < 0 or n_choices + len(parsed[q][1]) > capacity):
+                got = _score_group(model, state, [parsed[g] for g in group], batch_size)
+                for g, row in zip(group, got):
+                    scores[g] = row
+                done += len(group)
+                if progress is not None:
+                    progress(done)
+                group, n_choices = [], 0
+            if q >= 0:
+                group.append(q)
+                n_choices += len(parsed[q][1])
+    return scores
+
+
+def _cache_rows(cache: Any, rows: Tensor) -> Any:
+    """A cache holding ``rows`` of ``cache``'s batch (repeats allowed); ``cache`` is kept."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        out = copy.deepcopy(cache)
+        out.batch_select_indices(rows)
+        return out
+    out = copy.copy(cache)
+    out.layers = [copy.copy(layer) for layer in layers]
+    for layer in out.layers:
+        # reassigns keys/values to new tensors; the shared originals are untouched,
+        # and later updates concatenate into new tensors too
+        layer.batch_select_indices(rows)
+    return out
+
+
+def _head_logits(model: Any, h: Tensor) -> Tensor:
+    """The model's logits from final-normed states: unembedding + its output transform."""
+    logits = model.unembed(h)
+    transform = getattr(getattr(model, "adapter", None), "apply_output_logits_transform", None)
+    return transform(logits) if transform is not None else logits
+
+
+def _answer_logprobs(
+    model: Any, fed: Tensor, mask: Tensor, valid: Tensor, targets: Tensor, **kwargs: Any
+) -> Tensor:
+    """log p(target) at each valid (row-major) position of ``fed``; only those are unembedded."""
+    if "ln_final.hook_out" in model.hook_dict:
+        got: dict[str, Tensor] = {}
+
+        def grab(x: Tensor, *, hook: Any) -> None:
+            got["h"] = x[valid]
+            raise _StopForward
+
+        with (
+            model.hooks(fwd_hooks=[("ln_final.hook_out", grab)]),
+            contextlib.suppress(_StopForward),
+        ):
+            model(fed, attention_mask=mask, return_type=None, **kwargs)
+        states = got["h"]
+        t = targets[valid]
+        parts = []
+        for lo in range(0, states.shape[0], _UNEMBED_ROWS):
+            logits = _head_logits(model, states[None, lo : lo + _UNEMBED_ROWS])[0].float()
+            lp = torch.log_softmax(logits, dim=-1)
+            parts.append(lp.gather(-1, t[lo : lo + _UNEMBED_ROWS, None].to(lp.device))[:, 0])
+        return torch.cat(parts)
+    logits = model(fed, attention_mask=mask, **kwargs)[valid].float()
+    lp = torch.log_softmax(logits, dim=-1)
+    return lp.gather(-1, targets[valid][:, None].to(lp.device))[:, 0]
+
+
+def _score_group(
+    model: Any,
+    state: Any,
+    group: Sequence[tuple[list[int], list[list[int]]]],
+    batch_size: int,
+) -> list[list[float]]:
+    """The fast path for one group of questions (see :func:`score_many`)."""
+    dev = model_device(model)
+    pad = pad_token_id(model.tokenizer)
+    width_p = max(len(ctx) for ctx, _ in group)  # P: padded context length
+    n_q = len(group)
+    pids = torch.full((n_q, width_p - 1), pad, dtype=torch.long)
+    pmask = torch.zeros((n_q, width_p - 1), dtype=torch.long)
+    for g, (ctx, _) in enumerate(group):
+        if len(ctx) > 1:
+            pids[g, width_p - len(ctx) :] = torch.tensor(ctx[:-1])
+            pmask[g, width_p - len(ctx) :] = 1
+    cache = None
+    state.reset()
+    state.prompt_length = width_p
+    if width_p > 1:
+        state.offset, state.attention_mask = 0, pmask.to(dev)
+        cache = prefill_cache(model, pids.to(dev), attention_mask=pmask.to(dev))
+    rows = [(g, c) for g, (_, choices) in enumerate(group) for c in range(len(choices))]
+    rows.sort(key=lambda r: -len(group[r[0]][1][r[1]]))
+    out: list[list[float]] = [[0.0] * len(choices) for _, choices in group]
+    for lo in range(0, len(rows), batch_size):
+        chunk = rows[lo : lo + batch_size]
+        lengths = [len(group[g][1][c]) for g, c in chunk]
+        width = max(lengths)
+        fed = torch.full((len(chunk), width), pad, dtype=torch.long)
+        targets = torch.full((len(chunk), width), pad, dtype=torch.long)
+        for r, (g, c) in enumerate(chunk):
+            ctx, choice = group[g][0], group[g][1][c]
+            # position j is fed [last context token, choice[:-1]][j] and predicts choice[j]
+            fed[r, : lengths[r]] = torch.tensor([ctx[-1]] + choice[:-1])
+            targets[r, : lengths[r]] = torch.tensor(choice)
+        valid = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
+        qrows = torch.tensor([g for g, _ in chunk])
+        mask = torch.cat([pmask[qrows], valid.long()], 1).to(dev)
+        state.prompt_length = width_p
+        state.offset, state.attention_mask = width_p - 1, mask
+        kwargs: dict[str, Any] = {}
+        if cache is not None:
+            kwargs["past_key_values"] = _cache_rows(cache, qrows.to(dev))
+        lp = _answer_logprobs(model, fed.to(dev), mask, valid.to(dev), targets.to(dev), **kwargs)
+        sums = torch.split(lp.double().cpu(), lengths)
+        for (g, c), s in zip(chunk, sums):
+            out[g][c] = float(s.sum())
+    return out
+
+
+def _score_unshared(
+    model: Any,
+    state: Any,
+    ctx: list[int],
+    choices: list[list[int]],
+    batch_size: int,
+    out: list[float],
+) -> None:
+    """The reference path: context + choice in full for every choice (one question)."""
     dev = model_device(model)
     pad = pad_token_id(model.tokenizer)
     p = len(ctx)
-    scores = [0.0] * len(choices)
     order = sorted(range(len(choices)), key=lambda i: -len(choices[i]))
-    with steering_session(steering) as state:
-        cache = None
-        if reuse_prefix and p > 1:
-            state.reset()
-            state.prompt_length = p
-            cache = prefill_cache(model, torch.tensor([ctx[:-1]], device=dev))
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            lengths = [len(choices[i]) for i in idx]
-            width = max(lengths)
-            targets = torch.full((len(idx), width), pad, dtype=torch.long)
-            for r, i in enumerate(idx):
-                targets[r, : lengths[r]] = torch.tensor(choices[i])
-            state.prompt_length = p
-            if reuse_prefix:
-                # feed [last context token] + choice[:-1]; position j predicts choice[j]
-                fed = torch.cat([torch.full((len(idx), 1), ctx[-1]), targets[:, :-1]], 1)
-                fmask = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).long()
-                mask = torch.cat([torch.ones(len(idx), p - 1, dtype=torch.long), fmask], 1)
-                state.offset, state.attention_mask = p - 1, mask.to(dev)
-                kwargs: dict[str, Any] = {}
-                if cache is not None:
-                    c = copy.deepcopy(cache)
-                    c.batch_repeat_interleave(len(idx))
-                    kwargs["past_key_values"] = c
-                logits = model(fed.to(dev), attention_mask=mask.to(dev), **kwargs)
-                got = _sum_logprobs(logits, targets, lengths, 0)
-            else:
-                full = torch.cat([torch.tensor([ctx] * len(idx)), targets], 1)
-                cmask = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).long()
-                mask = torch.cat([torch.ones(len(idx), p, dtype=torch.long), cmask], 1)
-                state.offset, state.attention_mask = 0, mask.to(dev)
-                logits = model(full.to(dev), attention_mask=mask.to(dev))
-                got = _sum_logprobs(logits, targets, lengths, p - 1)
-            for i, s in zip(idx, got):
-                scores[i] = s
-    return scores
+    state.reset()
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        lengths = [len(choices[i]) for i in idx]
+        width = max(lengths)
+        targets = torch.full((len(idx), width), pad, dtype=torch.long)
+        for r, i in enumerate(idx):
+            targets[r, : lengths[r]] = torch.tensor(choices[i])
+        full = torch.cat([torch.tensor([ctx] * len(idx)), targets], 1)
+        cmask = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).long()
+        mask = torch.cat([torch.ones(len(idx), p, dtype=torch.long), cmask], 1)
+        state.prompt_length = p
+        state.offset, state.attention_mask = 0, mask.to(dev)
+        logits = model(full.to(dev), attention_mask=mask.to(dev))
+        got = _sum_logprobs(logits, targets, lengths, p - 1)
+        for i, s in zip(idx, got):
+            out[i] = s
 
 
 def _mc1(scores: Sequence[float], correct: int) -> tuple[int, bool]:
@@ -556,10 +750,12 @@ def evaluate_mc(
             rows); see :func:`score_choices` for positions.
         chat: chat template or plain prompt (see :func:`format_question`).
         instruction: the Inst-Align baseline's instruction, e.g. ``"Be honest."``.
-        batch_size: answer choices per forward pass.
+        batch_size: answer choices per forward pass (choices of several questions share
+            a pass; see :func:`score_many`).
         mc2: also compute MC2.
         progress: ``True``: a progress bar; a callable: called as ``fn(done, total)``
-            after each question; ``None``/``False``: quiet.
+            (questions done) after each group of questions scored together;
+            ``None``/``False``: quiet.
 
     Returns:
         ``{"mc1": float, "mc2": float (with mc2=True), "n": int, "chat": bool,
@@ -585,38 +781,45 @@ def evaluate_mc(
     sep = answer_separator(model, chat=is_chat)
     records: list[dict[str, Any]] = []
     inexact = 0
+    texts: list[list[str]] = []
+    encs: list[EncodedChoices] = []
+    for q in questions:
+        choices = list(q.mc2_choices) if mc2 else list(q.mc1_choices)
+        for c in q.mc1_choices:
+            if c not in choices:
+                choices.append(c)
+        context = format_question(model, q.question, chat=is_chat, instruction=instruction)
+        enc = encode_choices(model, context, choices, separator=sep)
+        inexact += enc.exact.count(False)
+        texts.append(choices)
+        encs.append(enc)
     bar = tqdm(total=len(questions), desc="TruthfulQA", disable=progress is not True, leave=False)
-    with steering_session(steering):
-        try:
-            for n, q in enumerate(questions):
-                choices = list(q.mc2_choices) if mc2 else list(q.mc1_choices)
-                for c in q.mc1_choices:
-                    if c not in choices:
-                        choices.append(c)
-                context = format_question(model, q.question, chat=is_chat, instruction=instruction)
-                enc = encode_choices(model, context, choices, separator=sep)
-                inexact += enc.exact.count(False)
-                got = score_choices(
-                    model, enc.context_ids, enc.choice_ids, steering=steering, batch_size=batch_size
-                )
-                by_text = dict(zip(choices, got))
-                s1 = [by_text[c] for c in q.mc1_choices]
-                chosen, ok = _mc1(s1, q.mc1_correct)
-                rec: dict[str, Any] = {
-                    "index": n,
-                    "question_index": q.index,
-                    "chosen": chosen,
-                    "correct": ok,
-                    "scores": s1,
-                }
-                if mc2:
-                    rec["mc2"] = _mc2([by_text[c] for c in q.mc2_choices], q.mc2_labels)
-                records.append(rec)
-                bar.update(1)
-                if callable(progress):
-                    progress(n + 1, len(questions))
-        finally:
-            bar.close()
+
+    def advance(done: int) -> None:
+        bar.update(done - bar.n)
+        if callable(progress):
+            progress(done, len(questions))
+
+    try:
+        all_scores = score_many(
+            model, encs, steering=steering, batch_size=batch_size, progress=advance
+        )
+    finally:
+        bar.close()
+    for n, (q, choices, got) in enumerate(zip(questions, texts, all_scores)):
+        by_text = dict(zip(choices, got))
+        s1 = [by_text[c] for c in q.mc1_choices]
+        chosen, ok = _mc1(s1, q.mc1_correct)
+        rec: dict[str, Any] = {
+            "index": n,
+            "question_index": q.index,
+            "chosen": chosen,
+            "correct": ok,
+            "scores": s1,
+        }
+        if mc2:
+            rec["mc2"] = _mc2([by_text[c] for c in q.mc2_choices], q.mc2_labels)
+        records.append(rec)
     out: dict[str, Any] = {"mc1": sum(r["correct"] for r in records) / len(records)}
     if mc2:
         out["mc2"] = sum(r["mc2"] for r in records) / len(records)
