@@ -97,6 +97,12 @@ def _add_analyze(sub: Any) -> None:
     a.add_argument("--n-map-texts", type=int, default=500)
     a.add_argument("--map-pairing", default="auto", help="auto, last, all or word_ends")
     a.add_argument("--map-method", default="svd", help="svd (paper) or ridge")
+    a.add_argument(
+        "--layer-match",
+        default="depth",
+        help="layer pairs of the map: depth (paper: same relative depth), or the best "
+        "monotone matching of a cka or r2 (held-out map R²) similarity matrix",
+    )
     a.add_argument("--n-similarity-texts", type=int, default=100)
     a.add_argument(
         "--similarity-max-gb",
@@ -191,6 +197,7 @@ def _analyze(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         "emotions": emotions,
         "map_pairing": args.map_pairing,
         "map_method": args.map_method,
+        "layer_match": args.layer_match,
         "alphas": args.alphas,
         "alpha": args.alpha,
         "sweep_methods": args.sweep_methods,
@@ -206,6 +213,11 @@ def _analyze(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
             _layer_sets(lens_spec, 10**6)
     except ValueError as e:
         return fail(str(e))
+    if args.map is not None and args.layer_match != "depth":
+        return fail(
+            f"--layer-match {args.layer_match} chooses the layer pairs of a map to fit; "
+            "--map loads one with its own pairs. Drop one of them"
+        )
     if args.map is not None:
         missing = [str(p) for p in artifact_paths(args.map) if not p.exists()]
         if missing:

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Regenerates experiments/results/analysis/<pair>/ (issue 5: figures + JSON + summary.md, and
 # the honesty vector's token-shift tables, token_shifts_honesty_L*.md).
-# Usage: bash experiments/run_analysis.sh [gemma|qwen|all]
+# Usage: bash experiments/run_analysis.sh [gemma|qwen|all|gemma-r2]
+# gemma-r2 (not part of "all"): the gemma pair again, its map fitted on the best monotone
+# matching of a held-out-R² layer-similarity matrix instead of relative depth.
 # The map of run_alignment.py is reused when it exists (runs/maps/), else fitted.
 # CPU, one core: gemma ~35 min (three steered layer sets), qwen ~60 min (the 1.5B target;
 # two layer sets, four alphas).
@@ -27,4 +29,9 @@ if [[ "$which" == qwen || "$which" == all ]]; then
     --layers "all;14-27" --alphas 0.5,1,2,4
   python experiments/honesty_token_shifts.py --source qwen2.5-coder-0.5b-instruct \
     --target qwen2.5-coder-1.5b-instruct --n-map-texts 500
+fi
+if [[ "$which" == gemma-r2 ]]; then
+  python -m contrans_tl analyze --source smollm2-135m-instruct --target gemma-3-270m \
+    --out experiments/results/analysis/smollm2-135m-instruct__gemma-3-270m__match-r2 \
+    --n-map-texts 2000 --layer-match r2 --layers "all;9-17"
 fi

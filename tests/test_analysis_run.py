@@ -278,6 +278,8 @@ def test_run_analysis_refuses_bad_arguments(small_llama, small_gemma, tmp_path):
         run(emotions=["joy"])
     with pytest.raises(FileNotFoundError, match="not found"):
         run(map_path=tmp_path / "no_map")
+    with pytest.raises(ValueError, match="map_path loads a map with its own pairs"):
+        run(map_path=tmp_path / "no_map", layer_match="r2")
     assert not any(tmp_path.iterdir())  # refused before writing anything
 
 
@@ -297,6 +299,7 @@ def test_run_analysis_refuses_bad_arguments(small_llama, small_gemma, tmp_path):
         ({"sweep_methods": ["transplanted", "bogus"]}, "sweep_methods"),
         ({"map_pairing": "tokens"}, "map_pairing"),
         ({"map_method": "lstsq"}, "map_method"),
+        ({"layer_match": "cosine"}, "layer_match must be one of"),
         ({"similarity_max_gb": 0.0}, "similarity_max_gb"),
         ({"tsne_perplexity": 1000.0}, "below the number of points"),
         ({"max_ppl_ratio": 0.5}, "max_ppl_ratio"),
@@ -552,6 +555,8 @@ def test_cli_end_to_end(folders, tmp_path, capsys, small_llama, small_gemma):
         (["--lens-layers", "a"], "cannot read layer spec"),
         (["--n-per-emotion", "1"], "n_per_emotion"),
         (["--map", "nowhere/map"], "nowhere/map.safetensors"),
+        (["--layer-match", "cosine"], "layer_match must be one of"),
+        (["--map", "m", "--layer-match", "cka"], "--map loads one with its own pairs"),
     ],
 )
 def test_cli_refuses_bad_arguments_before_loading(args, message, tmp_path, capsys):
@@ -586,3 +591,42 @@ def test_cli_rejects_malformed_numbers(capsys):
 def test_default_lens_layers():
     assert default_lens_layers(18) == [8, 14]
     assert default_lens_layers(1) == [0]
+
+
+@pytest.mark.parametrize("metric", ["cka", "r2"])
+def test_layer_match_fits_the_map_on_the_similarity_matching(
+    metric, small_llama, small_gemma, tmp_path
+):
+    # a budget below the full 3 x 5 matrix's moments thins the layers, so only some target
+    # layers get a map and the default lens layers must move onto mapped ones
+    s_layers, t_layers = similarity_layers(3, 5, 48, 40, 0.0002)
+    assert len(t_layers) < 5
+    res = run_analysis(
+        small_llama,
+        small_gemma,
+        tmp_path,
+        layer_match=metric,
+        similarity_max_gb=0.0002,
+        sweep_methods=["transplanted"],
+        verbose=False,
+        **{**SMALL, "alphas": [1.0]},
+    )
+    art = tmp_path / "artifacts"
+    rmap = ResidualMap.load(art / "residual_map")
+    matrix = "layer_similarity" if metric == "cka" else "layer_similarity_r2"
+    sim = LayerSimilarity.load(art / matrix)
+    assert sim.metric == metric
+    assert list(sim.target_layers) == t_layers and list(sim.source_layers) == s_layers
+    # the map reads from the matching the similarity suggests, not from relative depth
+    assert [tuple(p) for p in rmap.layer_pairs] == [tuple(p) for p in sim.best_pairs()]
+    assert [tl for _, tl in rmap.layer_pairs] == t_layers
+    assert res["map"]["layer_match"] == metric and res["settings"]["layer_match"] == metric
+    mapped = {tl for _, tl in rmap.layer_pairs}
+    tables = sorted(tmp_path.glob("token_shifts_L*.json"))
+    assert tables  # the lens layers moved onto mapped layers instead of failing
+    assert {int(p.stem.split("_L")[1]) for p in tables} <= mapped
+    if metric == "r2":
+        assert _png_ok(tmp_path / "layer_similarity_r2.png")
+        assert LayerSimilarity.load(art / "layer_similarity").metric == "cka"
+    summary = (tmp_path / "summary.md").read_text()
+    assert {"cka": "CKA matching", "r2": "R² matching"}[metric] in summary

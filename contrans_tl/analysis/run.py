@@ -5,6 +5,8 @@
 ============================  ==============================================================
 ``layer_similarity``          linear CKA of every (thinned) source x target layer pair, with
                               the suggested monotone matching and the relative-depth one
+``layer_similarity_r2``       with ``layer_match="r2"`` only: the held-out map R² matrix
+                              whose matching the map was fitted on
 ``vector_cosines``            cosine per target layer, transplanted vs the target's own
                               (Self) vector, per emotion
 ``norm_profile``              mean residual norm per relative depth of both models, and the
@@ -40,13 +42,14 @@ import platform
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from contrans_tl.activations import read_resid_post
 from contrans_tl.analysis.diagnostics import (
     cosine_per_layer,
+    layer_pairs_from_similarity,
     layer_similarity,
     residual_norm_profile,
 )
@@ -106,6 +109,7 @@ def check_analysis_args(
     n_map_texts: int = 500,
     map_pairing: str = "auto",
     map_method: str = "svd",
+    layer_match: str = "depth",
     n_similarity_texts: int = 100,
     similarity_max_gb: float = 1.0,
     n_refine: int = 50,
@@ -150,6 +154,8 @@ def check_analysis_args(
         raise ValueError(f"map_pairing must be one of {PAIRINGS}, got {map_pairing!r}")
     if map_method not in _MAP_METHODS:
         raise ValueError(f"map_method must be one of {_MAP_METHODS}, got {map_method!r}")
+    if layer_match not in LAYER_MATCHES:
+        raise ValueError(f"layer_match must be one of {LAYER_MATCHES}, got {layer_match!r}")
     minimum = {
         "n_map_texts": (n_map_texts, 10),
         "n_similarity_texts": (n_similarity_texts, 2),
@@ -222,6 +228,10 @@ def _split(
             f"{have} evaluation scenarios; lower n_per_emotion or n_refine"
         )
     return split
+
+
+LayerMatch = Literal["depth", "cka", "r2"]
+LAYER_MATCHES = ("depth", "cka", "r2")
 
 
 def default_lens_layers(n_layers: int) -> list[int]:
@@ -327,6 +337,7 @@ def run_analysis(
     n_map_texts: int = 500,
     map_pairing: Pairing = "auto",
     map_method: MapMethod = "svd",
+    layer_match: LayerMatch = "depth",
     n_similarity_texts: int = 100,
     similarity_max_gb: float = 1.0,
     n_refine: int = 50,
@@ -376,6 +387,14 @@ def run_analysis(
         map_pairing: map pairing (``"auto"``: every token for one tokenizer, word ends
             across tokenizers); the CKA pairs states the same way.
         map_method: ``"svd"`` (paper) or ``"ridge"``.
+        layer_match: which source layer each target layer's map reads from:
+            ``"depth"`` (the paper: same relative depth), or the best monotone matching
+            (:func:`~contrans_tl.analysis.layer_pairs_from_similarity`) of a similarity
+            matrix computed first on the similarity texts, ``"cka"`` (linear CKA) or
+            ``"r2"`` (held-out map R²). With thinned similarity layers
+            (``similarity_max_gb``) only the matrix's target layers get a map, and the
+            default lens and PCA layers move to the nearest mapped ones. Not with
+            ``map_path`` (a loaded map keeps its pairs).
         n_similarity_texts: WikiSplit sentences for the CKA matrix.
         similarity_max_gb: memory for the CKA moments; layers are thinned to fit
             (:func:`similarity_layers`).
@@ -427,6 +446,7 @@ def run_analysis(
         n_map_texts=n_map_texts,
         map_pairing=map_pairing,
         map_method=map_method,
+        layer_match=layer_match,
         n_similarity_texts=n_similarity_texts,
         similarity_max_gb=similarity_max_gb,
         n_refine=n_refine,
@@ -457,12 +477,18 @@ def run_analysis(
     lens_layers = check_layers(
         target, default_lens_layers(n_tgt) if layers_for_lens is None else layers_for_lens
     )
+    pca_layer_given = pca_layer
     pca_layer = lens_layers[-1] if pca_layer is None else check_layers(target, [pca_layer])[0]
     sets: dict[str, list[int] | None] = {}
     for set_name, layers in ({"all": None} if layer_sets is None else layer_sets).items():
         sets[str(set_name)] = None if layers is None else check_layers(target, list(layers))
     if not sets:
         raise ValueError("layer_sets is empty; give at least one, e.g. {'all': None}")
+    if map_path is not None and layer_match != "depth":
+        raise ValueError(
+            f"layer_match={layer_match!r} chooses the layer pairs of a map to fit, but "
+            "map_path loads a map with its own pairs; drop one of them"
+        )
     if map_path is not None:
         for p in artifact_paths(map_path):
             if not p.exists():
@@ -484,25 +510,56 @@ def run_analysis(
 
     split = _split(n_fewshot, n_refine, n_sweep_negatives, n_per_emotion, seed=seed)
 
-    # 1. The map (paper Eq. 2)
+    # 1. The map (paper Eq. 2), its layer pairs by relative depth or by similarity
     t = time.time()
+    s_layers, t_layers = similarity_layers(
+        n_src, n_tgt, int(source.cfg.d_model), int(target.cfg.d_model), similarity_max_gb
+    )
+    match_sim = None
     if map_path is not None:
         rmap = ResidualMap.load(map_path)
         rmap.check_models(source, target)
-        map_info: dict[str, Any] = {"loaded_from": str(map_path)}
+        map_info: dict[str, Any] = {"loaded_from": str(map_path), "layer_match": "loaded"}
     else:
+        pairs = None
+        if layer_match != "depth":
+            log(
+                f"{layer_match} on {n_similarity_texts} texts, "
+                f"{len(s_layers)} x {len(t_layers)} layers, to choose the map's layer pairs"
+            )
+            match_sim = layer_similarity(
+                source,
+                target,
+                wikisplit_sentences(n_similarity_texts),
+                pairing=map_pairing,
+                metric=layer_match,
+                source_layers=s_layers,
+                target_layers=t_layers,
+                batch_size=batch_size,
+                seed=seed,
+            )
+            pairs = layer_pairs_from_similarity(match_sim, source=source, target=target)
         log(f"fitting the residual map on {n_map_texts} WikiSplit sentences")
         rmap = fit_residual_map(
             source,
             target,
             wikisplit_sentences(n_map_texts),
+            layer_pairs=pairs,
             pairing=map_pairing,
             method=map_method,
             seed=seed,
             batch_size=batch_size,
         )
         rmap.save(art / "residual_map")
-        map_info = {"fitted_on_texts": n_map_texts}
+        map_info = {"fitted_on_texts": n_map_texts, "layer_match": layer_match}
+    mapped_layers = [tl for _, tl in rmap.layer_pairs]
+    if layers_for_lens is None and layer_match != "depth":
+        # the defaults may fall between the thinned similarity's target layers
+        lens_layers = sorted(
+            {min(mapped_layers, key=lambda m: (abs(m - k), m)) for k in lens_layers}
+        )
+        if pca_layer_given is None:
+            pca_layer = lens_layers[-1]
     mapped = [tl for _, tl in rmap.layer_pairs]
     for what, layers in [("layers_for_lens", lens_layers), ("pca_layer", [pca_layer])] + [
         (f"layer set {k!r}", v) for k, v in sets.items() if v is not None
@@ -524,23 +581,29 @@ def run_analysis(
     )
     done("map", t)
 
-    # 2. Layer similarity (CKA)
+    # 2. Layer similarity (CKA; the matching's own matrix when it was CKA)
     t = time.time()
-    s_layers, t_layers = similarity_layers(
-        n_src, n_tgt, int(source.cfg.d_model), int(target.cfg.d_model), similarity_max_gb
-    )
-    log(f"CKA on {n_similarity_texts} texts, {len(s_layers)} x {len(t_layers)} layers")
-    sim = layer_similarity(
-        source,
-        target,
-        wikisplit_sentences(n_similarity_texts),
-        pairing=rmap.pairing,  # type: ignore[arg-type]
-        metric="cka",
-        source_layers=s_layers,
-        target_layers=t_layers,
-        batch_size=batch_size,
-        seed=seed,
-    )
+    if match_sim is not None and layer_match == "cka":
+        sim = match_sim
+    else:
+        log(f"CKA on {n_similarity_texts} texts, {len(s_layers)} x {len(t_layers)} layers")
+        sim = layer_similarity(
+            source,
+            target,
+            wikisplit_sentences(n_similarity_texts),
+            pairing=rmap.pairing,  # type: ignore[arg-type]
+            metric="cka",
+            source_layers=s_layers,
+            target_layers=t_layers,
+            batch_size=batch_size,
+            seed=seed,
+        )
+    if match_sim is not None and layer_match == "r2":
+        match_sim.save(art / "layer_similarity_r2")
+        files["layer_match"] = [
+            str(p.relative_to(out))
+            for p in plot_layer_similarity(match_sim, out / "layer_similarity_r2")
+        ]
     sim.save(art / "layer_similarity")
     written = plot_layer_similarity(sim, out / "layer_similarity")
     done("layer_similarity", t, written)
@@ -806,6 +869,7 @@ def run_analysis(
             "n_map_texts": n_map_texts,
             "map_pairing": map_pairing,
             "map_method": map_method,
+            "layer_match": layer_match,
             "n_similarity_texts": n_similarity_texts,
             "similarity_max_gb": similarity_max_gb,
             "n_refine": n_refine,
@@ -888,6 +952,14 @@ def _fmt(x: Any, spec: str = ".3f") -> str:
     return format(x, spec)
 
 
+_MATCH_WORDS = {
+    "depth": "by relative depth",
+    "cka": "by the best monotone CKA matching",
+    "r2": "by the best monotone held-out-R² matching (`layer_similarity_r2.png`)",
+    "loaded": "as in the loaded map",
+}
+
+
 def summary_markdown(result: Mapping[str, Any]) -> str:
     """Render :func:`run_analysis`'s result (or ``analysis.json``) as ``summary.md``."""
     src, tgt = result["source"]["model_id"], result["target"]["model_id"]
@@ -927,7 +999,7 @@ def summary_markdown(result: Mapping[str, Any]) -> str:
         "## Layers (`layer_similarity.png`, `vector_cosines.png`, `norm_profile.png`)",
         "",
         f"Map: pairing {result['map']['pairing']}, method {result['map']['method']}, "
-        f"layer pairs by relative depth unless loaded otherwise.",
+        f"layer pairs {_MATCH_WORDS[result['map'].get('layer_match', 'depth')]}.",
         "",
         "| target layer | source layer (map) | CKA-suggested source | map R² (last token) | "
         "mean cos(transplanted, Self) |",
