@@ -309,6 +309,10 @@ def emotion_summary() -> list[str]:
 FIGURES = [
     ("alpha_sweep", "Token Acc and perplexity against α (pick α here)"),
     ("layer_similarity", "linear CKA, source × target layer, with the suggested matching"),
+    (
+        "layer_similarity_r2",
+        "held-out map R², source × target layer: the matching this run's map was fitted on",
+    ),
     ("vector_cosines", "transplanted vs Self vector, cosine per target layer"),
     ("norm_profile", "residual and vector norms per relative depth"),
     ("pca_before_after", "target states before → after adding the vector (Fig. 2b)"),
@@ -317,15 +321,63 @@ FIGURES = [
 ]
 
 
+def _layer_match(a: dict[str, Any]) -> str:
+    """How the run's map paired layers (a loaded map is compared with the depth matching)."""
+    m = a.get("map", {})
+    if "loaded_from" in m:
+        from contrans_tl.maps import match_layers_by_depth
+
+        depth = match_layers_by_depth(a["source"]["n_layers"], a["target"]["n_layers"])
+        same = [tuple(p) for p in m["layer_pairs"]] == [tuple(p) for p in depth]
+        return "depth (loaded map)" if same else "loaded map, its own pairs"
+    return str(m.get("layer_match", a.get("settings", {}).get("layer_match", "depth")))
+
+
+def layer_match_comparison(runs: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    """Transplanted-vector sweeps of runs of one pair whose maps pair layers differently."""
+    out = [
+        "| run | map layers | steered | picked α | Token Acc | PPL | best Token Acc (α, PPL) |",
+        "|---|---|---|---:|---:|---:|---|",
+    ]
+    for name, a in runs:
+        sweep = a["alpha_sweep"]
+        base = {r["layers"]: r for r in sweep["rows"] if r["alpha"] == 0.0}
+        for series, alpha in sweep["picked"].items():
+            rows = [r for r in sweep["rows"] if r["series"] == series]
+            if not rows or rows[0]["method"] != "transplanted":
+                continue
+            at = next((r for r in rows if r["alpha"] == alpha), None)
+            best = max(rows, key=lambda r: (r["token_acc"], -r["alpha"]))
+            ppl0 = base.get(rows[0]["layers"], {}).get("ppl")
+
+            def ppl(r: dict[str, Any] | None, ppl0: float | None = ppl0) -> str:
+                if r is None or r.get("ppl") is None:
+                    return "-"
+                rel = f" (×{r['ppl'] / ppl0:.2f})" if ppl0 else ""
+                return f"{r['ppl']:.1f}{rel}"
+
+            out.append(
+                f"| {name} | {_layer_match(a)} | {rows[0]['layers']} | "
+                f"{'-' if alpha is None else format(alpha, 'g')} | "
+                f"{'-' if at is None else format(at['token_acc'], '.2f')} | {ppl(at)} | "
+                f"{best['token_acc']:.2f} (α {best['alpha']:g}, PPL {ppl(best)}) |"
+            )
+    return out + [""]
+
+
 def analysis_section() -> list[str]:
     out = []
+    by_pair: dict[str, list[tuple[str, dict[str, Any]]]] = {}
     for folder in sorted((RESULTS / "analysis").glob("*")):
         a = load(folder / "analysis.json")
         if a is None:
             continue
         rel = folder.relative_to(HERE)
+        parts = folder.name.split("__")
+        title = " → ".join(parts[:2]) + (f" ({', '.join(parts[2:])})" if parts[2:] else "")
+        by_pair.setdefault("__".join(parts[:2]), []).append((folder.name, a))
         out += [
-            f"**{folder.name.replace('__', ' → ')}**: `{a.get('command', '')}`; headline "
+            f"**{title}**: `{a.get('command', '')}`; map layers: {_layer_match(a)}; headline "
             f"numbers and token tables in [`{rel}/summary.md`]({rel}/summary.md).",
             "",
         ]
@@ -344,6 +396,16 @@ def analysis_section() -> list[str]:
                 out.append(f"![{caption}]({rel}/{name}.png)")
                 out.append(f"*{caption}* (`{name}.png`, numbers in `{name}.json`)")
                 out.append("")
+    for pair, runs in by_pair.items():
+        if len(runs) > 1:
+            out += [
+                f"**Layer matching, {pair.replace('__', ' → ')}**: the transplanted vectors' "
+                "emotion sweep (mean Token Acc over emotions, perplexity with ×base) in runs "
+                "whose maps pair layers differently. Picked α: best Token Acc with perplexity "
+                "≤ 1.5× base.",
+                "",
+            ]
+            out += layer_match_comparison(runs)
     return out
 
 

@@ -81,3 +81,66 @@ def test_report_shows_the_numbers_of_the_result_files(report_module, tmp_path, m
     assert "mean 0.600 / 0.200" in text  # map R² averaged over layer pairs
     assert "ConTrans (clean) − Base = +40.0 points on 5 questions" in text
     assert "Not run: " in text and "Qwen2.5-Coder-1.5B-Instruct" in text
+
+
+def _analysis(layer_match, rows, picked, loaded=False, pairs=((1, 0), (2, 1), (4, 2))):
+    m = {"layer_pairs": [list(p) for p in pairs], "pairing": "all", "method": "svd"}
+    if loaded:
+        m["loaded_from"] = "runs/maps/x"
+    else:
+        m["layer_match"] = layer_match
+    return {
+        "command": f"python -m contrans_tl analyze --layer-match {layer_match}",
+        "source": {"n_layers": 5},
+        "target": {"n_layers": 3},
+        "map": m,
+        "alpha_sweep": {"rows": rows, "picked": picked},
+    }
+
+
+def _row(series, method, layers, alpha, acc, ppl):
+    return {
+        "series": series,
+        "method": method,
+        "layers": layers,
+        "alpha": alpha,
+        "token_acc": acc,
+        "ppl": ppl,
+    }
+
+
+def test_layer_match_comparison_rows(report_module, tmp_path, monkeypatch):
+    s = "transplanted · layers all"
+    depth_rows = [
+        _row(s, "transplanted", "all", 0.0, 0.05, 50.0),
+        _row(s, "transplanted", "all", 1.0, 0.40, 60.0),
+        _row(s, "transplanted", "all", 2.0, 0.70, 120.0),
+        _row("self · layers all", "self", "all", 1.0, 0.9, 55.0),
+    ]
+    r2_rows = [
+        _row(s, "transplanted", "all", 0.0, 0.05, 50.0),
+        _row(s, "transplanted", "all", 1.0, 0.55, 70.0),
+    ]
+    pair = tmp_path / "analysis"
+    _write(
+        pair / "a__b" / "analysis.json",
+        _analysis("depth", depth_rows, {s: 1.0, "self · layers all": 1.0}, loaded=True),
+    )
+    _write(pair / "a__b__match-r2" / "analysis.json", _analysis("r2", r2_rows, {s: 1.0}))
+    monkeypatch.setattr(report_module, "RESULTS", tmp_path)
+    monkeypatch.setattr(report_module, "HERE", tmp_path)
+    text = "\n".join(report_module.analysis_section())
+    assert "**a → b (match-r2)**" in text and "map layers: r2" in text
+    # a loaded map's pairs are compared with the depth matching (5 -> 3 layers: 1, 2, 4)
+    assert "map layers: depth (loaded map)" in text
+    own = _analysis("depth", r2_rows, {}, loaded=True, pairs=((0, 0), (2, 1), (4, 2)))
+    assert report_module._layer_match(own) == "loaded map, its own pairs"
+    assert (
+        "| a__b | depth (loaded map) | all | 1 | 0.40 | 60.0 (×1.20) | "
+        "0.70 (α 2, PPL 120.0 (×2.40)) |" in text
+    )
+    assert (
+        "| a__b__match-r2 | r2 | all | 1 | 0.55 | 70.0 (×1.40) | 0.55 (α 1, PPL 70.0 (×1.40)) |"
+        in text
+    )
+    assert "self" not in text.split("**Layer matching")[1]  # transplanted rows only
