@@ -515,6 +515,20 @@ def run_analysis(
     s_layers, t_layers = similarity_layers(
         n_src, n_tgt, int(source.cfg.d_model), int(target.cfg.d_model), similarity_max_gb
     )
+
+    def similarity(metric: str, pairing: str) -> Any:
+        return layer_similarity(
+            source,
+            target,
+            wikisplit_sentences(n_similarity_texts),
+            pairing=pairing,  # type: ignore[arg-type]
+            metric=metric,  # type: ignore[arg-type]
+            source_layers=s_layers,
+            target_layers=t_layers,
+            batch_size=batch_size,
+            seed=seed,
+        )
+
     match_sim = None
     if map_path is not None:
         rmap = ResidualMap.load(map_path)
@@ -527,17 +541,7 @@ def run_analysis(
                 f"{layer_match} on {n_similarity_texts} texts, "
                 f"{len(s_layers)} x {len(t_layers)} layers, to choose the map's layer pairs"
             )
-            match_sim = layer_similarity(
-                source,
-                target,
-                wikisplit_sentences(n_similarity_texts),
-                pairing=map_pairing,
-                metric=layer_match,
-                source_layers=s_layers,
-                target_layers=t_layers,
-                batch_size=batch_size,
-                seed=seed,
-            )
+            match_sim = similarity(layer_match, map_pairing)
             pairs = layer_pairs_from_similarity(match_sim, source=source, target=target)
         log(f"fitting the residual map on {n_map_texts} WikiSplit sentences")
         rmap = fit_residual_map(
@@ -552,15 +556,12 @@ def run_analysis(
         )
         rmap.save(art / "residual_map")
         map_info = {"fitted_on_texts": n_map_texts, "layer_match": layer_match}
-    mapped_layers = [tl for _, tl in rmap.layer_pairs]
+    mapped = [tl for _, tl in rmap.layer_pairs]
     if layers_for_lens is None and layer_match != "depth":
         # the defaults may fall between the thinned similarity's target layers
-        lens_layers = sorted(
-            {min(mapped_layers, key=lambda m: (abs(m - k), m)) for k in lens_layers}
-        )
+        lens_layers = sorted({min(mapped, key=lambda m: (abs(m - k), m)) for k in lens_layers})
         if pca_layer_given is None:
             pca_layer = lens_layers[-1]
-    mapped = [tl for _, tl in rmap.layer_pairs]
     for what, layers in [("layers_for_lens", lens_layers), ("pca_layer", [pca_layer])] + [
         (f"layer set {k!r}", v) for k, v in sets.items() if v is not None
     ]:
@@ -587,17 +588,7 @@ def run_analysis(
         sim = match_sim
     else:
         log(f"CKA on {n_similarity_texts} texts, {len(s_layers)} x {len(t_layers)} layers")
-        sim = layer_similarity(
-            source,
-            target,
-            wikisplit_sentences(n_similarity_texts),
-            pairing=rmap.pairing,  # type: ignore[arg-type]
-            metric="cka",
-            source_layers=s_layers,
-            target_layers=t_layers,
-            batch_size=batch_size,
-            seed=seed,
-        )
+        sim = similarity("cka", rmap.pairing)
     if match_sim is not None and layer_match == "r2":
         match_sim.save(art / "layer_similarity_r2")
         files["layer_match"] = [

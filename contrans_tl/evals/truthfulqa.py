@@ -643,7 +643,7 @@ def _score_group(
             pmask[g, width_p - len(ctx) :] = 1
     cache = None
     state.reset()
-    state.prompt_length = width_p
+    state.prompt_length = width_p  # for the prefill and every choice pass
     if width_p > 1:
         state.offset, state.attention_mask = 0, pmask.to(dev)
         cache = prefill_cache(model, pids.to(dev), attention_mask=pmask.to(dev))
@@ -664,7 +664,6 @@ def _score_group(
         valid = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
         qrows = torch.tensor([g for g, _ in chunk])
         mask = torch.cat([pmask[qrows], valid.long()], 1).to(dev)
-        state.prompt_length = width_p
         state.offset, state.attention_mask = width_p - 1, mask
         kwargs: dict[str, Any] = {}
         if cache is not None:
