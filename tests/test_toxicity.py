@@ -22,6 +22,7 @@ from contrans_tl.evals.toxicity import (
     toxic_share,
     toxigen_annotated,
 )
+from contrans_tl.io import load_artifact, save_artifact
 
 TEXTS = [
     "I really enjoyed the dinner with my neighbours last night.",
@@ -120,9 +121,15 @@ def test_save_load_round_trip_gives_identical_scores(small_head, tmp_path):
     via_name = load_toxicity_classifier(MINILM_NAME, head=tmp_path / "head")
     assert via_name.score(TEXTS) == small_head.score(TEXTS)
     # a head of another encoder is refused
+    tensors, saved = load_artifact(tmp_path / "head")
+    saved["encoder"]["sha256"] = "0" * 64
+    save_artifact(tmp_path / "other", tensors, saved)
+    with pytest.raises(ValueError, match="refit"):
+        MiniLMToxicity.load(tmp_path / "other")
+    # and so is a JSON edited by hand (the tensor file's copy of it says otherwise)
     meta["encoder"]["sha256"] = "0" * 64
     js.write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match="refit"):
+    with pytest.raises(ValueError, match="edited after it was saved: 'encoder.sha256'"):
         MiniLMToxicity.load(tmp_path / "head")
 
 

@@ -57,7 +57,13 @@ from jaxtyping import Float
 from torch import Tensor
 
 from contrans_tl.data import data_dir
-from contrans_tl.io import artifact_paths, load_artifact, save_artifact, sha256_file
+from contrans_tl.io import (
+    FORMAT_VERSION,
+    artifact_paths,
+    load_artifact,
+    save_artifact,
+    sha256_file,
+)
 from contrans_tl.models import locate_package_file
 
 __all__ = [
@@ -811,7 +817,8 @@ def _usable_cache(path: Path, seed: int) -> bool:
         return False
     fit = meta.get("fit", {})
     return (
-        fit.get("seed") == seed
+        meta.get("format_version") == FORMAT_VERSION  # an older artifact is fitted again once
+        and fit.get("seed") == seed
         and fit.get("max_examples") is None
         and fit.get("data_sha256") == sha256_file(_toxigen_path(None))
         and meta.get("encoder", {}).get("sha256") == ENCODER_SHA256
