@@ -39,6 +39,7 @@ import os
 import re
 import shlex
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -72,6 +73,7 @@ __all__ = [
     "load_model",
     "load_tokenizer",
     "model_provenance",
+    "resolve_model_name",
     "zoo_gguf_path",
     "locate_package_file",
 ]
@@ -749,12 +751,36 @@ def _accepted() -> str:
     )
 
 
-def _resolve(name_or_path: str) -> tuple[str, str]:
-    """Classify a model name: ``(kind, target)`` with kind zoo/local/gguf/hub."""
+def resolve_model_name(name_or_path: str | os.PathLike[str]) -> tuple[str, str]:
+    """Classify a model name as :func:`load_model` will, without loading anything.
+
+    Cheap (a few file-system look-ups and, for a ``.gguf`` file, reading its header), so
+    a command line can refuse a bad name before it loads any model. Whether a hub id
+    exists is only known when it is loaded.
+
+    Args:
+        name_or_path: zoo name, local folder, local ``.gguf`` file or hub id.
+
+    Returns:
+        ``(kind, target)``: kind is ``"zoo"``, ``"local"``, ``"gguf"`` or ``"hub"``;
+        target is the zoo name, the resolved path, or the hub id.
+
+    Raises:
+        ValueError: an empty name, a file that is not ``.gguf``, a ``.gguf`` file whose
+            header is not GGUF, or a name that is none of the accepted kinds.
+        FileNotFoundError: a name that looks like a path but does not exist.
+
+    Example:
+        >>> resolve_model_name("gemma-3-270m")
+        ('zoo', 'gemma-3-270m')
+    """
     if isinstance(name_or_path, os.PathLike):
         name_or_path = os.fspath(name_or_path)
     if not isinstance(name_or_path, str) or not name_or_path.strip():
-        raise ValueError(f"expected a model name or path, got {name_or_path!r}; use {_accepted()}")
+        what = "an empty name" if isinstance(name_or_path, str) else type(name_or_path).__name__
+        raise ValueError(
+            f"expected a model name or path, got {what} {name_or_path!r}; use {_accepted()}"
+        )
     s = name_or_path.strip()
     if s in ZOO:
         return "zoo", s
@@ -763,6 +789,7 @@ def _resolve(name_or_path: str) -> tuple[str, str]:
         return "local", str(path.resolve())
     if path.is_file():
         if path.suffix.lower() == ".gguf":
+            _check_gguf_file(path.resolve())
             return "gguf", str(path.resolve())
         raise ValueError(
             f"{s!r} is a file but not a .gguf file; pass the folder that holds the model "
@@ -780,6 +807,63 @@ def _resolve(name_or_path: str) -> tuple[str, str]:
     if _HUB_ID_RE.fullmatch(s) and "--" not in s and ".." not in s:
         return "hub", s
     raise ValueError(f"{s!r} is not a valid model name. Accepted: {_accepted()}")
+
+
+_GGUF_MAGIC = b"GGUF"
+_GGUF_HEADER = 24  # magic, uint32 version, uint64 tensor count, uint64 metadata count
+_GGUF_VERSIONS = (1, 2, 3)
+
+
+def _check_gguf_file(path: Path) -> None:
+    """Refuse an empty, truncated or non-GGUF ``.gguf`` file before anything reads it.
+
+    Raises:
+        ValueError: naming the file and what is wrong with its header.
+    """
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError(
+            f"{path} is empty (0 bytes), not a GGUF model; was a download or copy interrupted? "
+            "Pass a complete .gguf file, a model folder or a zoo name"
+        )
+    with path.open("rb") as f:
+        head = f.read(_GGUF_HEADER)
+    if head[:4] != _GGUF_MAGIC:
+        if _GGUF_MAGIC.startswith(head):
+            raise ValueError(
+                f"{path} is truncated: {size} bytes, shorter than the {_GGUF_HEADER}-byte GGUF "
+                "header"
+            )
+        raise ValueError(
+            f"{path} is not a GGUF file: it starts with {head[:4]!r}, not the GGUF magic "
+            f"{_GGUF_MAGIC!r}. Pass a .gguf file, or the folder of a saved model"
+        )
+    if size < _GGUF_HEADER:
+        raise ValueError(
+            f"{path} is truncated: {size} bytes, shorter than the {_GGUF_HEADER}-byte GGUF header"
+        )
+    (version,) = struct.unpack("<I", head[4:8])
+    if version not in _GGUF_VERSIONS:
+        raise ValueError(
+            f"{path} has GGUF version {version}; versions {_GGUF_VERSIONS} can be read (the "
+            "file may be corrupt)"
+        )
+
+
+def _gguf_error(path: Path, what: str, error: Exception) -> ValueError:
+    """A clear error for a GGUF file that transformers could not read."""
+    message = str(error).splitlines()[0] if str(error) else ""
+    size = path.stat().st_size if path.exists() else 0
+    if isinstance(error, (struct.error, EOFError)) or any(
+        s in message for s in ("reshape", "mmap", "buffer", "out of bounds")
+    ):
+        hint = f"it ends early or is corrupt ({size} bytes); re-download or re-copy it"
+    else:
+        hint = "transformers could not read it as a model of an architecture it supports"
+    kind = "struct.error" if isinstance(error, struct.error) else type(error).__name__
+    return ValueError(
+        f"could not load the {what} from GGUF file {path}: {hint} ({kind}: {message})"
+    )
 
 
 def _hub_error(hub_id: str, what: str, error: Exception) -> OSError:
@@ -812,14 +896,15 @@ def load_tokenizer(
         The tokenizer.
 
     Raises:
-        ValueError, FileNotFoundError: For names that are not accepted.
+        ValueError, FileNotFoundError: For names that are not accepted, and for an empty,
+            truncated or non-GGUF ``.gguf`` file (named in the message).
         OSError: If a hub id cannot be loaded (hub unreachable or id unknown).
 
     Example:
         >>> len(load_tokenizer("qwen2.5-coder-0.5b-instruct"))
         151936
     """
-    kind, target = _resolve(name_or_path)
+    kind, target = resolve_model_name(name_or_path)
     _check_revision(kind, target, revision)
     if kind == "zoo":
         return _zoo_tokenizer(ZOO[target], install)
@@ -832,12 +917,18 @@ def load_tokenizer(
                 "files written by tokenizer.save_pretrained(folder)."
             ) from e
     if kind == "gguf":
-        path = Path(target)
-        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        return _gguf_tokenizer(Path(target))
     try:
         return AutoTokenizer.from_pretrained(target, revision=revision)
     except OSError as e:
         raise _hub_error(target, "tokenizer", e) from e
+
+
+def _gguf_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    try:
+        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except (struct.error, EOFError, ValueError) as e:
+        raise _gguf_error(path, "tokenizer", e) from e
 
 
 def _check_revision(kind: str, target: str, revision: str | None) -> None:
@@ -874,7 +965,9 @@ def load_hf_model(
         ``boot_bridge(model, tokenizer, **info)`` gives what :func:`load_model` gives.
 
     Raises:
-        ValueError, FileNotFoundError: For names that are not accepted.
+        ValueError, FileNotFoundError: For names that are not accepted, and for an empty,
+            truncated or non-GGUF ``.gguf`` file (named in the message; checked before the
+            file is hashed or dequantized).
         OSError: If a hub id cannot be loaded.
 
     Example:
@@ -884,7 +977,7 @@ def load_hf_model(
     """
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype must be a torch.dtype such as torch.float32, got {dtype!r}")
-    kind, target = _resolve(name_or_path)
+    kind, target = resolve_model_name(name_or_path)
     _check_revision(kind, target, revision)
     kwargs: dict[str, Any] = {"dtype": dtype}
     if device_map is not None:
@@ -909,8 +1002,11 @@ def load_hf_model(
         path = Path(target)
         _log(f"hashing and dequantizing {path} (use a zoo name or a saved folder to skip this)")
         info["file_sha256"] = sha256_file(path)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
+        except (struct.error, EOFError, ValueError) as e:
+            raise _gguf_error(path, "model", e) from e
+        tokenizer = _gguf_tokenizer(path)
     else:
         try:
             model = AutoModelForCausalLM.from_pretrained(target, revision=revision, **kwargs)
@@ -1001,6 +1097,66 @@ def boot_bridge(
     return bridge
 
 
+def _available_devices() -> list[str]:
+    """The devices this torch can put a model on, e.g. ``["cpu", "cuda:0", "cuda:1"]``."""
+    found = ["cpu"]
+    for kind in ("cuda", "xpu"):
+        module = getattr(torch, kind, None)
+        if module is not None and module.is_available():
+            found += [f"{kind}:{i}" for i in range(module.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        found.append("mps")
+    return found
+
+
+def _check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device``, refused (before any loading) if it is not here.
+
+    Raises:
+        ValueError: naming ``device`` and the devices that are available.
+    """
+    available = _available_devices()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise ValueError(
+            f"device {device!r} is not a torch device ({str(e).splitlines()[0]}); available "
+            f"here: {available}"
+        ) from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type in ("cuda", "xpu"):
+        module = getattr(torch, dev.type, None)
+        if module is None or not module.is_available():
+            build = ""
+            if dev.type == "cuda":
+                cuda = torch.version.cuda
+                build = f", CUDA {cuda}" if cuda else ", built without CUDA"
+            raise ValueError(
+                f"device {device!r} asks for {dev.type}, but this torch ({torch.__version__}"
+                f"{build}) sees no {dev.type} device; available here: {available}"
+            )
+        count = module.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(
+                f"device {device!r}: this machine has {count} {dev.type} device(s); "
+                f"available here: {available}"
+            )
+        return dev
+    if dev.type == "mps":
+        if "mps" not in available:
+            raise ValueError(
+                f"device {device!r} asks for Apple's MPS, which this torch does not see; "
+                f"available here: {available}"
+            )
+        return dev
+    raise ValueError(
+        f"device {device!r} ({dev.type}) cannot hold a model loaded by contrans_tl; "
+        f"available here: {available}"
+    )
+
+
 def load_model(
     name_or_path: str,
     *,
@@ -1042,8 +1198,9 @@ def load_model(
         ``bridge.contrans_provenance`` (see :func:`model_provenance`).
 
     Raises:
-        ValueError, FileNotFoundError: For names that are not accepted, or for ``device``
-            together with ``device_map``.
+        ValueError, FileNotFoundError: For names that are not accepted, for a ``device`` that
+            is not available here (checked before anything is loaded), for ``device``
+            together with ``device_map``, and for an empty, truncated or non-GGUF ``.gguf``.
         OSError: If a hub id cannot be loaded (the hub may be unreachable).
 
     Example:
@@ -1051,15 +1208,20 @@ def load_model(
         >>> bridge.cfg.n_layers, bridge.cfg.d_model
         (18, 640)
     """
-    if device_map is not None and torch.device(device) != torch.device("cpu"):
+    try:
+        both = device_map is not None and torch.device(device) != torch.device("cpu")
+    except (RuntimeError, TypeError, ValueError):
+        both = False  # not a device at all: refused just below
+    if both:
         raise ValueError(
             f"pass either device ({device!r}) or device_map ({device_map!r}), not both; "
             "device_map places the model itself"
         )
+    target_device = _check_device(device)
     model, tokenizer, info = load_hf_model(
         name_or_path, dtype=dtype, revision=revision, install=install, device_map=device_map
     )
     if device_map is None:
         # cast: transformers' type stubs for PreTrainedModel.to are wrong; dispatch is dynamic.
-        cast(torch.nn.Module, model).to(torch.device(device))
+        cast(torch.nn.Module, model).to(target_device)
     return boot_bridge(model, tokenizer, compatibility_mode=compatibility_mode, **info)
