@@ -21,7 +21,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from contrans_tl.sites import check_layers, model_device, resid_post_name
+from contrans_tl.sites import check_context, check_layers, model_device, resid_post_name
 from contrans_tl.tokens import Encoding, encode, pad_left, pad_token_id, word_end_positions
 
 __all__ = [
@@ -134,8 +134,14 @@ def _forward_batches(
         bad = [p for p in pos if not 0 <= p < len(enc)]
         if bad:
             raise ValueError(f"text {i} has {len(enc)} tokens; positions {bad} are out of range")
+    check_context(
+        model,
+        [len(e) for e in encodings],
+        what="text",
+        hint="pass max_length (at most that) to truncate texts; their end is lost",
+    )
     order = sorted(range(len(encodings)), key=lambda i: -len(encodings[i]))
-    pad = pad_token_id(model.tokenizer)
+    pad = pad_token_id(model.tokenizer, model.cfg.d_vocab)
     device = model_device(model)
     show = len(encodings) > 256 if progress is None else progress
     bar = tqdm(total=len(encodings), desc=desc, disable=not show, leave=False)
@@ -244,11 +250,17 @@ def read_resid_post(
         positions: ``"last"`` (each text's last token), ``"all"`` (every token of the
             text, special tokens left out), or ``"word_ends"`` (each word's last token).
         batch_size: texts per forward pass.
-        max_length: truncate texts to this many tokens.
+        max_length: truncate texts to this many tokens (``None``: no truncation).
         progress: progress bar on or off; ``None``: on for more than 256 texts.
 
     Returns:
         A :class:`ResidReads` with rows in text order.
+
+    Raises:
+        TypeError: ``texts`` is one string, or ``layers`` holds a non-integer.
+        ValueError: a text is longer than the model's context (``cfg.n_ctx``): it is
+            refused, not silently read past the positions the model was trained on; pass
+            ``max_length`` to truncate instead. Also ``max_length < 1``.
 
     Example:
         >>> reads = read_resid_post(model, texts, layers=[5], positions="word_ends")

@@ -14,7 +14,7 @@ Example:
 
 import dataclasses
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +25,8 @@ from torch import Tensor
 from contrans_tl.activations import Positions, read_resid_post
 from contrans_tl.io import load_artifact, save_artifact
 from contrans_tl.models import model_provenance
-from contrans_tl.sites import RESID_POST, check_layers
+from contrans_tl.sites import RESID_POST, check_layers, layer_index
+from contrans_tl.tokens import check_texts
 
 __all__ = ["ConceptVector", "mean_difference", "check_fits_model"]
 
@@ -56,7 +57,11 @@ class ConceptVector:
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.layers = tuple(int(k) for k in self.layers)
+        if isinstance(self.layers, str) or not isinstance(self.layers, Iterable):
+            raise TypeError(f"layers must be a sequence of ints, got {self.layers!r}")
+        self.layers = tuple(layer_index(k) for k in self.layers)
+        if not isinstance(self.vectors, Tensor):
+            raise TypeError(f"vectors must be a torch.Tensor, got {type(self.vectors).__name__}")
         if self.vectors.ndim != 2:
             raise ValueError(
                 f"vectors must be [n_layers, d_model], got shape {tuple(self.vectors.shape)}"
@@ -93,7 +98,9 @@ class ConceptVector:
 
     def select(self, layers: Sequence[int]) -> "ConceptVector":
         """A copy restricted to ``layers`` (each must be present)."""
-        layers = sorted(int(k) for k in layers)
+        if isinstance(layers, str) or not isinstance(layers, Iterable):
+            raise TypeError(f"layers must be a sequence of ints, got {layers!r}")
+        layers = sorted(layer_index(k) for k in layers)
         rows = torch.stack([self[k] for k in layers])
         return self.replace(vectors=rows, layers=tuple(layers))
 
@@ -204,6 +211,8 @@ def mean_difference(
     Returns:
         A :class:`ConceptVector` for ``model``.
     """
+    check_texts(positive, "positive")
+    check_texts(negative, "negative")
     if len(positive) == 0 or len(negative) == 0:
         raise ValueError(
             f"need at least one positive and one negative prompt, got {len(positive)} and "

@@ -20,6 +20,7 @@ Example:
     >>> v_big = m.transplant(v_small)     # a ConceptVector for `big`
 """
 
+import math
 import os
 import random
 from collections.abc import Iterator, Mapping, Sequence
@@ -34,8 +35,14 @@ from contrans_tl.activations import iter_resid_post
 from contrans_tl.concepts import ConceptVector, check_fits_model
 from contrans_tl.io import load_artifact, save_artifact
 from contrans_tl.models import model_provenance
-from contrans_tl.sites import check_layers, match_layers_by_depth
-from contrans_tl.tokens import Encoding, encode, word_end_positions
+from contrans_tl.sites import check_layers, layer_index, match_layers_by_depth
+from contrans_tl.tokens import (
+    Encoding,
+    check_max_length,
+    check_texts,
+    encode,
+    word_end_positions,
+)
 
 __all__ = [
     "Pairing",
@@ -126,8 +133,7 @@ class LinearMapFitter:
             weight = v @ ((v.T @ self.xty) / evals[keep, None])
             bias = torch.zeros(self.d_tgt, dtype=torch.float64)
         elif method == "ridge":
-            if ridge < 0:
-                raise ValueError(f"ridge must be >= 0, got {ridge}")
+            _check_ridge(ridge)
             mx, my = self.sum_x / self.n, self.sum_y / self.n
             cxx = self.xtx - self.n * torch.outer(mx, mx)
             cxy = self.xty - self.n * torch.outer(mx, my)
@@ -138,6 +144,16 @@ class LinearMapFitter:
         else:
             raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
         return weight.float(), bias.float()
+
+
+def _check_ridge(ridge: object) -> None:
+    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)):
+        raise TypeError(f"ridge must be a real number >= 0, got {type(ridge).__name__} {ridge!r}")
+    if not math.isfinite(ridge) or ridge < 0:
+        raise ValueError(
+            f"ridge must be a finite number >= 0 (a penalty relative to the mean eigenvalue, "
+            f"e.g. 1e-3), got {ridge}"
+        )
 
 
 class MapScorer:
@@ -301,7 +317,7 @@ class ResidualMap:
     info: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.layer_pairs = [(int(s), int(t)) for s, t in self.layer_pairs]
+        self.layer_pairs = [(layer_index(s), layer_index(t)) for s, t in self.layer_pairs]
         targets = [t for _, t in self.layer_pairs]
         if len(set(targets)) != len(targets):
             raise ValueError(f"each target layer may be mapped once, got {self.layer_pairs}")
@@ -327,7 +343,12 @@ class ResidualMap:
     def map_states(
         self, states: Float[Tensor, "... d_src"], target_layer: int
     ) -> Float[Tensor, "... d_tgt"]:
-        """Map source states (of the paired source layer) into ``target_layer``'s space."""
+        """Map source states (of the paired source layer) into ``target_layer``'s space.
+
+        Raises:
+            KeyError: ``target_layer`` is not mapped (the message lists those that are).
+        """
+        self.source_layer(target_layer)  # raises, naming the mapped layers
         w, b = self.weights[target_layer], self.biases[target_layer]
         return states.to(w.dtype) @ w + b
 
@@ -484,10 +505,16 @@ def fit_residual_map(
     Returns:
         A :class:`ResidualMap` with held-out metrics per target layer.
     """
+    check_texts(texts)
     if not 0 <= heldout_fraction < 1:
         raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    if method == "ridge":
+        _check_ridge(ridge)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    check_max_length(max_length)
     kind = _resolve_pairing(source, target, pairing)
     if layer_pairs is None:
         layer_pairs = match_layers_by_depth(source.cfg.n_layers, target.cfg.n_layers)
@@ -558,6 +585,7 @@ def evaluate_map(
     Returns:
         ``{target_layer: {"r2", "cosine", "n", "r2_last", "cosine_last", "n_last"}}``.
     """
+    check_texts(texts)
     kinds = [rmap.pairing] if rmap.pairing == "last" else [rmap.pairing, "last"]
     out: dict[int, dict[str, float]] = {t: {} for _, t in rmap.layer_pairs}
     for kind in kinds:

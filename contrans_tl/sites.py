@@ -10,11 +10,14 @@ Example:
     [(1, 0), (3, 1), (5, 2)]
 """
 
+import operator
 import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
+from torch import Tensor
 
 __all__ = [
     "RESID_POST",
@@ -23,6 +26,9 @@ __all__ = [
     "match_layers_by_depth",
     "parse_layers",
     "model_device",
+    "layer_index",
+    "context_length",
+    "check_context",
 ]
 
 RESID_POST = "blocks.{layer}.hook_resid_post"
@@ -33,12 +39,34 @@ def resid_post_name(layer: int) -> str:
     return RESID_POST.format(layer=layer)
 
 
+def layer_index(k: Any) -> int:
+    """``k`` as a Python int, if it is an integer: ``int``, a numpy integer or an integer
+    tensor with one element. Floats, bools and strings are refused, never rounded or parsed.
+
+    Raises:
+        TypeError: ``k`` is not an integer.
+    """
+    if isinstance(k, (bool, np.bool_)) or (isinstance(k, Tensor) and k.dtype == torch.bool):
+        raise TypeError(f"layer indices must be ints, got the bool {k!r}")
+    if isinstance(k, Tensor) and (k.is_floating_point() or k.is_complex()):
+        raise TypeError(f"layer indices must be ints, got a {k.dtype} tensor {k!r}")
+    try:
+        return operator.index(k)
+    except TypeError:
+        raise TypeError(
+            f"layer indices must be ints, got {type(k).__name__} {k!r}; pass e.g. [3, 5]"
+            + ("; for a spec like '3,5' or '4-10' use parse_layers()" if isinstance(k, str) else "")
+        ) from None
+
+
 def check_layers(model_or_n_layers: Any, layers: Iterable[int]) -> list[int]:
     """Validate layer indices against a model (or a layer count); return them sorted.
 
-    Negative indices count from the end, as in Python.
+    Negative indices count from the end, as in Python. Only integers are accepted (numpy
+    and torch integer scalars too): ``"12"``, ``1.7`` and ``True`` are refused, not coerced.
 
     Raises:
+        TypeError: ``layers`` is a string or a single index, or holds a non-integer.
         ValueError: no layers, a duplicate, or an index outside ``[-n_layers, n_layers)``.
     """
     n = (
@@ -46,13 +74,19 @@ def check_layers(model_or_n_layers: Any, layers: Iterable[int]) -> list[int]:
         if isinstance(model_or_n_layers, int)
         else int(model_or_n_layers.cfg.n_layers)
     )
+    if isinstance(layers, str):
+        raise TypeError(
+            f"layers must be a sequence of ints, got the string {layers!r}; pass e.g. [3, 5], "
+            "or parse a spec like '3,5' or '4-10' with parse_layers()"
+        )
+    if not isinstance(layers, Iterable) or isinstance(layers, Tensor) and layers.ndim == 0:
+        raise TypeError(
+            f"layers must be a sequence of ints, got {type(layers).__name__} {layers!r}; "
+            "wrap a single layer in a list: [k]"
+        )
     out = []
     for k in layers:
-        if isinstance(k, bool) or not isinstance(k, int):
-            try:
-                k = int(k)
-            except (TypeError, ValueError):
-                raise TypeError(f"layer indices must be ints, got {k!r}") from None
+        k = layer_index(k)
         if not -n <= k < n:
             raise ValueError(f"layer {k} is out of range for a model with {n} layers (0..{n - 1})")
         out.append(k % n)
@@ -108,3 +142,31 @@ def model_device(model: Any) -> torch.device:
     """The device a model runs on (``cfg.device``, else that of its first parameter)."""
     dev = getattr(getattr(model, "cfg", None), "device", None)
     return torch.device(dev) if dev is not None else next(model.parameters()).device
+
+
+def context_length(model: Any) -> int | None:
+    """The most positions ``model`` takes (``cfg.n_ctx``), or ``None`` if it does not say."""
+    n = getattr(getattr(model, "cfg", None), "n_ctx", None)
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
+def check_context(model: Any, lengths: Sequence[int], *, what: str, hint: str) -> None:
+    """Refuse sequences longer than the model's context (``cfg.n_ctx``).
+
+    A longer sequence would run without an error on most architectures (rotary positions
+    extrapolate) and give states no one asked for, so it is refused, naming the longest
+    offender; ``hint`` says how to make it fit (e.g. the ``max_length`` to truncate with).
+
+    Raises:
+        ValueError: some length exceeds the context.
+    """
+    n_ctx = context_length(model)
+    if n_ctx is None or not lengths:
+        return
+    worst = max(range(len(lengths)), key=lambda i: lengths[i])
+    if lengths[worst] > n_ctx:
+        n_over = sum(1 for n in lengths if n > n_ctx)
+        raise ValueError(
+            f"{what} {worst} has {lengths[worst]} tokens ({n_over} of {len(lengths)} exceed the "
+            f"limit), but the model takes at most {n_ctx} positions (cfg.n_ctx); {hint}"
+        )

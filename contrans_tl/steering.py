@@ -18,6 +18,8 @@ Example:
     ...     model, v_fear, alpha=4.0, positions="generated"), max_new_tokens=20)
 """
 
+import math
+import numbers
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,8 +30,9 @@ from jaxtyping import Float
 from torch import Tensor
 
 from contrans_tl.concepts import ConceptVector, check_fits_model
-from contrans_tl.sites import check_layers, model_device, resid_post_name
-from contrans_tl.tokens import pad_left, pad_token_id
+from contrans_tl.models import model_provenance
+from contrans_tl.sites import check_layers, context_length, model_device, resid_post_name
+from contrans_tl.tokens import check_texts, pad_left, pad_token_id
 
 __all__ = [
     "StepPositions",
@@ -132,7 +135,10 @@ def _step_weight(
 
 
 def _addition_hook(
-    delta: Float[Tensor, " d_model"], positions: StepPositions, state: PositionState
+    delta: Float[Tensor, " d_model"],
+    positions: StepPositions,
+    state: PositionState,
+    name: str = "the steered layer",
 ) -> Callable[..., Tensor]:
     # delta on the residual stream's device and dtype, made once (not on every call);
     # an in-place change of delta bumps its version and is picked up
@@ -144,6 +150,11 @@ def _addition_hook(
         d = cast.get(where) if version is not None else None
         if d is None:
             cast.clear()
+            if not bool(torch.isfinite(delta).all()):
+                raise ValueError(
+                    f"the steering addition at {name} holds NaN or inf (it was changed "
+                    "in place after make_steering); make the steering again from finite vectors"
+                )
             d = delta.to(device=resid.device, dtype=resid.dtype)
             if version is not None:
                 cast[where] = d
@@ -161,7 +172,14 @@ class Steering:
     Build one with :func:`make_steering`. Attach with ``with steering:`` or
     :meth:`attach` / :meth:`remove`; or pass :meth:`hooks` to ``run_with_hooks``.
 
+    Attaching is counted, so uses nest: the hooks go on at the first :meth:`attach` (or
+    ``with``) and come off at the matching last :meth:`remove` (or block exit). A
+    ``with steering:`` inside another, or a :func:`generate` call given a steering that
+    is already attached, leaves it attached and steering afterwards. A steering belongs
+    to the model it was made for; functions that take one refuse it with another model.
+
     Attributes:
+        model: the model whose hook points get the additions.
         additions: ``{layer: α·v_layer}`` (summed over vectors), float32.
         positions: which tokens get the additions.
         state: the :class:`PositionState` shared by this steering's hooks.
@@ -181,30 +199,57 @@ class Steering:
         self.positions: StepPositions = positions
         self.state = state if state is not None else PositionState()
         self._handles: list[tuple[Any, Any]] = []
+        self._depth = 0
 
     def hooks(self) -> list[tuple[str, Callable[..., Tensor]]]:
         """``[(hook_name, fn), ...]`` for ``model.run_with_hooks(fwd_hooks=...)``."""
         return [
-            (resid_post_name(k), _addition_hook(d, self.positions, self.state))
+            (resid_post_name(k), _addition_hook(d, self.positions, self.state, resid_post_name(k)))
             for k, d in sorted(self.additions.items())
         ]
 
+    def check_model(self, model: Any) -> None:
+        """Raise unless ``model`` is the model this steering's hooks go on.
+
+        Raises:
+            ValueError: ``model`` is another object (even a second load of the same
+                weights: the hooks would go on the first one, and ``model`` would run
+                unsteered).
+        """
+        if model is not self.model:
+            raise ValueError(
+                f"this Steering was made for model {_model_name(self.model)!r} (object "
+                f"{id(self.model):#x}) but was given with model {_model_name(model)!r} (object "
+                f"{id(model):#x}); its hooks would not be on the model that runs. Make one "
+                "for this model: make_steering(model, vector, alpha)"
+            )
+
     def attach(self) -> "Steering":
-        """Add the hooks to the model (idempotent)."""
-        if self._handles:
-            return self
-        try:
-            for name, fn in self.hooks():
-                point = self.model.hook_dict[name]
-                handle = point.add_hook(fn, dir="fwd")
-                self._handles.append((point, handle))
-        except BaseException:
-            self.remove()
-            raise
+        """Add the hooks to the model, or count one more user if they are on already."""
+        if self._depth == 0:
+            try:
+                for name, fn in self.hooks():
+                    point = self.model.hook_dict[name]
+                    handle = point.add_hook(fn, dir="fwd")
+                    self._handles.append((point, handle))
+            except BaseException:
+                self._remove_handles()
+                raise
+        self._depth += 1
         return self
 
     def remove(self) -> None:
-        """Remove the hooks this steering added, and only those."""
+        """Undo one :meth:`attach`; the last one removes the hooks (this steering's only).
+
+        Calling it on a steering that is not attached does nothing.
+        """
+        if self._depth == 0:
+            return
+        self._depth -= 1
+        if self._depth == 0:
+            self._remove_handles()
+
+    def _remove_handles(self) -> None:
         while self._handles:
             point, handle = self._handles.pop()
             if handle is None:
@@ -214,13 +259,44 @@ class Steering:
 
     @property
     def attached(self) -> bool:
-        return bool(self._handles)
+        return self._depth > 0
 
     def __enter__(self) -> "Steering":
         return self.attach()
 
     def __exit__(self, *exc: object) -> None:
         self.remove()
+
+
+def _model_name(model: Any) -> str:
+    try:
+        return model_provenance(model).model_id
+    except TypeError:
+        return type(model).__name__
+
+
+def _check_alpha(alpha: object, where: str) -> float:
+    """A strength as a finite float: a real number or a 0-d real tensor, nothing else."""
+    if isinstance(alpha, Tensor):
+        if alpha.numel() != 1 or alpha.ndim != 0:
+            raise TypeError(
+                f"{where} must be a real number or a 0-d tensor, got a tensor of shape "
+                f"{tuple(alpha.shape)}"
+            )
+        if alpha.dtype == torch.bool or alpha.is_complex():
+            raise TypeError(f"{where} must be a real number, got a {alpha.dtype} tensor")
+        value = float(alpha.detach().cpu())
+    elif isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+        hint = " (a string is not parsed; pass float(...))" if isinstance(alpha, str) else ""
+        raise TypeError(
+            f"{where} must be a real number (int, float or a 0-d tensor), got "
+            f"{type(alpha).__name__} {alpha!r}{hint}"
+        )
+    else:
+        value = float(alpha)
+    if not math.isfinite(value):
+        raise ValueError(f"{where} must be finite, got {value}")
+    return value
 
 
 def make_steering(
@@ -239,7 +315,7 @@ def make_steering(
         model: the TransformerLens model to steer.
         vectors: one :class:`ConceptVector` or several (their additions are summed,
             e.g. honesty and fairness at once).
-        alpha: one strength, or one per vector.
+        alpha: one strength (a finite real number or 0-d tensor), or one per vector.
         layers: layers to steer; ``None``: every layer the vector has.
         positions: ``"all"``, ``"prompt"`` or ``"generated"``.
         scale: ``"raw"`` adds ``α · v`` (the paper); ``"relative"`` adds
@@ -248,11 +324,27 @@ def make_steering(
         strict: refuse vectors whose model id or weight processing differ from the model's.
 
     Raises:
+        TypeError: ``alpha`` is not a real number (or a list of them), e.g. a string or
+            ``None``; ``vectors`` are not :class:`ConceptVector`.
         ValueError: a vector does not fit the model, a requested layer has no vector,
-            lengths of ``vectors`` and ``alpha`` differ, or ``scale`` is unknown.
+            lengths of ``vectors`` and ``alpha`` differ, ``alpha`` or a vector is not
+            finite, or ``scale`` is unknown.
     """
     vecs = [vectors] if isinstance(vectors, ConceptVector) else list(vectors)
-    alphas = [float(alpha)] * len(vecs) if isinstance(alpha, (int, float)) else list(alpha)
+    bad = [type(v).__name__ for v in vecs if not isinstance(v, ConceptVector)]
+    if bad or not vecs:
+        raise TypeError(
+            f"vectors must be a ConceptVector or a non-empty list of them, got {bad or 'none'}"
+        )
+    if isinstance(alpha, (Tensor, numbers.Number, str)) or alpha is None:
+        alphas = [_check_alpha(alpha, "alpha")] * len(vecs)
+    elif isinstance(alpha, Sequence):
+        alphas = [_check_alpha(a, f"alpha[{i}]") for i, a in enumerate(alpha)]
+    else:
+        raise TypeError(
+            f"alpha must be a real number or a list of them (one per vector), got "
+            f"{type(alpha).__name__}"
+        )
     if len(alphas) != len(vecs):
         raise ValueError(f"{len(vecs)} vectors but {len(alphas)} alphas; give one alpha each")
     if scale not in ("raw", "relative"):
@@ -277,29 +369,36 @@ def make_steering(
                         f"vector {v.concept!r} does not carry (metadata['resid_norms'])"
                     )
                 row = row / row.norm().clamp_min(1e-12) * float(norms[str(k)])
+            if not bool(torch.isfinite(row).all()):
+                raise ValueError(
+                    f"concept vector {v.concept!r} holds NaN or inf at layer {k} (changed "
+                    "after it was made?); steer only with finite vectors"
+                )
             additions[k] = additions.get(k, torch.zeros_like(row)) + a * row
     return Steering(model, additions, positions)
 
 
 @contextmanager
-def steering_session(steering: "Steering | None") -> Iterator[PositionState]:
-    """Attach ``steering`` for a block (unless the caller already has) and yield its state.
+def steering_session(steering: "Steering | None", model: Any) -> Iterator[PositionState]:
+    """Attach ``steering`` to ``model`` for a block and yield its state.
 
     Evaluation loops set ``offset``/``attention_mask``/``prompt_length`` on the yielded
-    :class:`PositionState`; it is reset afterwards, and a steering attached here is
-    removed, one attached by the caller is left attached. ``None`` yields a fresh state.
+    :class:`PositionState`; it is reset afterwards. Attaching is counted, so a steering
+    the caller had attached stays attached, and one that was not is removed again.
+    ``None`` yields a fresh state.
+
+    Raises:
+        ValueError: ``steering`` was made for another model than ``model``.
     """
     if steering is None:
         yield PositionState()
         return
-    attached_here = not steering.attached
-    steering.attach()
-    try:
-        yield steering.state
-    finally:
-        steering.state.reset()
-        if attached_here:
-            steering.remove()
+    steering.check_model(model)
+    with steering:
+        try:
+            yield steering.state
+        finally:
+            steering.state.reset()
 
 
 @contextmanager
@@ -359,12 +458,19 @@ def generate(
 
     Returns:
         The continuations, in the order of ``prompts``.
+
+    Raises:
+        TypeError: ``prompts`` is one string rather than a list of them.
+        ValueError: ``steering`` was made for another model, or a prompt plus
+            ``max_new_tokens`` does not fit the model's context (``cfg.n_ctx``).
     """
-    if isinstance(prompts, str):
-        raise TypeError("generate() takes a list of prompts, got one str; wrap it in a list")
+    check_texts(prompts, "prompts")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+        raise TypeError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    state = steering.state if steering is not None else PositionState()
+    if steering is not None:
+        steering.check_model(model)
 
     def start_batch(ids: Tensor, mask: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
         prompt_len = ids.shape[1]
@@ -391,21 +497,19 @@ def generate(
 
         return step
 
-    ctx = steering if steering is not None else _nullsteer()
-    try:
-        with ctx:
-            return greedy_decode(
-                model.tokenizer,
-                prompts,
-                start_batch,
-                max_new_tokens=max_new_tokens,
-                batch_size=batch_size,
-                stop_at_eos=stop_at_eos,
-                decode=decode,
-                device=model_device(model),
-            )
-    finally:
-        state.reset()
+    with steering_session(steering, model) as state:
+        return greedy_decode(
+            model.tokenizer,
+            prompts,
+            start_batch,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            stop_at_eos=stop_at_eos,
+            decode=decode,
+            device=model_device(model),
+            vocab_size=int(model.cfg.d_vocab),
+            n_ctx=context_length(model),
+        )
 
 
 def greedy_decode(
@@ -418,6 +522,8 @@ def greedy_decode(
     stop_at_eos: bool,
     decode: bool,
     device: torch.device,
+    vocab_size: int | None = None,
+    n_ctx: int | None = None,
 ) -> list[str] | list[list[int]]:
     """The greedy loop shared by :func:`generate` and proxy-tuning.
 
@@ -425,10 +531,24 @@ def greedy_decode(
     For each batch, ``start_batch(ids, mask)`` returns a ``step(ids, mask)`` that gives
     the next-token logits ``[batch, vocab]`` for the sequences so far (it may keep KV
     caches between calls). Finished rows are fed padding; EOS is cut from the output.
+    ``vocab_size`` keeps the padding id inside the embedding; with ``n_ctx``, a prompt
+    whose tokens plus ``max_new_tokens`` exceed it is refused before anything runs.
     """
+    check_texts(prompts, "prompts")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     eos = tokenizer.eos_token_id
-    pad = pad_token_id(tokenizer)
+    pad = pad_token_id(tokenizer, vocab_size)
     encoded = [tokenizer(p)["input_ids"] for p in prompts]
+    if n_ctx is not None:
+        longest = max(range(len(encoded)), key=lambda i: len(encoded[i]), default=None)
+        if longest is not None and len(encoded[longest]) + max_new_tokens > n_ctx:
+            raise ValueError(
+                f"prompt {longest} has {len(encoded[longest])} tokens; with max_new_tokens="
+                f"{max_new_tokens} that is {len(encoded[longest]) + max_new_tokens} positions, "
+                f"but the model takes at most {n_ctx} (cfg.n_ctx). Shorten the prompt or "
+                "lower max_new_tokens"
+            )
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     results: list[list[int]] = [[] for _ in prompts]
     for start in range(0, len(order), batch_size):
@@ -457,8 +577,3 @@ def greedy_decode(
     if decode:
         return [tokenizer.decode(r, skip_special_tokens=True) for r in results]
     return results
-
-
-@contextmanager
-def _nullsteer() -> Iterator[None]:
-    yield None

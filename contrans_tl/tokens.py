@@ -27,6 +27,8 @@ __all__ = [
     "word_end_positions",
     "pad_left",
     "pad_token_id",
+    "check_texts",
+    "check_max_length",
 ]
 
 _WORD = re.compile(r"\S+")
@@ -64,6 +66,45 @@ class Encoding:
         return [i for i, s in enumerate(self.special) if not s]
 
 
+def check_texts(texts: object, what: str = "texts") -> None:
+    """Refuse anything but a sequence of strings where a list of texts is expected.
+
+    A bare ``str`` is a sequence of characters, so without this check a function that
+    takes texts would silently work on one-character texts.
+
+    Raises:
+        TypeError: ``texts`` is a string, not a sequence, or holds a non-string.
+    """
+    if isinstance(texts, str):
+        raise TypeError(
+            f"{what} must be a list of texts, got one str ({texts[:40]!r}); wrap it in a list"
+        )
+    if isinstance(texts, bytes) or not isinstance(texts, Sequence):
+        raise TypeError(f"{what} must be a list of str, got {type(texts).__name__}")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f"{what}[{i}] is {type(t).__name__}, expected str")
+
+
+def check_max_length(max_length: object) -> None:
+    """``max_length`` must be ``None`` (no truncation) or an int of at least 1.
+
+    Raises:
+        TypeError, ValueError: naming the value given.
+    """
+    if max_length is None:
+        return
+    if isinstance(max_length, bool) or not isinstance(max_length, int):
+        raise TypeError(
+            f"max_length must be an int >= 1 or None (no truncation), got {max_length!r}"
+        )
+    if max_length < 1:
+        raise ValueError(
+            f"max_length must be >= 1 (tokens kept per text) or None (no truncation), "
+            f"got {max_length}"
+        )
+
+
 def encode(
     tokenizer: PreTrainedTokenizerBase,
     texts: Sequence[str],
@@ -85,11 +126,9 @@ def encode(
         TypeError: a text is not a string, or the tokenizer gives no offsets.
         ValueError: a text is empty.
     """
-    if isinstance(texts, str):
-        raise TypeError("encode() takes a sequence of texts, got one str; wrap it in a list")
+    check_texts(texts)
+    check_max_length(max_length)
     for i, t in enumerate(texts):
-        if not isinstance(t, str):
-            raise TypeError(f"texts[{i}] is {type(t).__name__}, expected str")
         if not t.strip():
             raise ValueError(f"texts[{i}] is empty or whitespace only")
     if not getattr(tokenizer, "is_fast", False):
@@ -177,16 +216,19 @@ def pad_left(
     return ids, mask
 
 
-def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+def pad_token_id(tokenizer: PreTrainedTokenizerBase, vocab_size: int | None = None) -> int:
     """The id to pad with: the pad token, else EOS, else BOS, else 0.
 
-    Padded positions are always masked out, so any valid id works.
+    Padded positions are always masked out, so any id the embedding has works. With
+    ``vocab_size`` (the model's ``cfg.d_vocab``), ids outside ``[0, vocab_size)`` are
+    skipped: TransformerLens gives a tokenizer that has no pad, EOS or BOS token an added
+    ``<|endoftext|>`` whose id the model's embedding may not have.
     """
     for cand in (
         getattr(tokenizer, "pad_token_id", None),
         getattr(tokenizer, "eos_token_id", None),
         getattr(tokenizer, "bos_token_id", None),
     ):
-        if cand is not None:
+        if cand is not None and (vocab_size is None or 0 <= int(cand) < vocab_size):
             return int(cand)
     return 0

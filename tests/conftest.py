@@ -74,7 +74,9 @@ def meta_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> PreTrainedTokeni
     return _train_tokenizer("meta_bpe", tmp_path_factory.mktemp("meta_tok"), 900)
 
 
-def tiny_llama_hf(tokenizer, *, d_model: int = 48, n_layers: int = 3, seed: int = 0):
+def tiny_llama_hf(
+    tokenizer, *, d_model: int = 48, n_layers: int = 3, seed: int = 0, n_ctx: int = 2048
+):
     """An un-booted Hugging Face tiny Llama (booting wraps the HF model in place)."""
     torch.manual_seed(seed)
     cfg = LlamaConfig(
@@ -84,7 +86,7 @@ def tiny_llama_hf(tokenizer, *, d_model: int = 48, n_layers: int = 3, seed: int 
         num_hidden_layers=n_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=512,
+        max_position_embeddings=n_ctx,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -94,8 +96,16 @@ def tiny_llama_hf(tokenizer, *, d_model: int = 48, n_layers: int = 3, seed: int 
     return model
 
 
-def tiny_llama(tokenizer, *, d_model: int = 48, n_layers: int = 3, seed: int = 0, name: str):
-    model = tiny_llama_hf(tokenizer, d_model=d_model, n_layers=n_layers, seed=seed)
+def tiny_llama(
+    tokenizer,
+    *,
+    d_model: int = 48,
+    n_layers: int = 3,
+    seed: int = 0,
+    name: str,
+    n_ctx: int = 2048,
+):
+    model = tiny_llama_hf(tokenizer, d_model=d_model, n_layers=n_layers, seed=seed, n_ctx=n_ctx)
     return boot_bridge(model, tokenizer, model_id=name)
 
 
@@ -110,7 +120,7 @@ def tiny_gemma3_hf(tokenizer, *, d_model: int = 40, n_layers: int = 5, seed: int
         num_attention_heads=2,
         num_key_value_heads=1,
         head_dim=16,
-        max_position_embeddings=512,
+        max_position_embeddings=2048,
         sliding_window=512,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

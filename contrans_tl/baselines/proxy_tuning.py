@@ -50,9 +50,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from contrans_tl.sites import model_device
+from contrans_tl.sites import context_length, model_device
 from contrans_tl.steering import greedy_decode
-from contrans_tl.tokens import pad_left, pad_token_id
+from contrans_tl.tokens import check_texts, pad_left, pad_token_id
 
 __all__ = [
     "proxy_logits",
@@ -190,14 +190,6 @@ def check_same_vocabulary(*models: Any) -> None:
             )
 
 
-def _check_prompts(prompts: Sequence[str], fn: str) -> None:
-    if isinstance(prompts, str):
-        raise TypeError(f"{fn}() takes a list of prompts, got one str; wrap it in a list")
-    for i, p in enumerate(prompts):
-        if not isinstance(p, str):
-            raise TypeError(f"prompts[{i}] is {type(p).__name__}, expected str")
-
-
 @torch.no_grad()
 def proxy_generate(
     strong: Any,
@@ -240,7 +232,7 @@ def proxy_generate(
         >>> proxy_generate(strong, aligned, base, ["- statement\\n-"], max_new_tokens=30)
         [' ...']
     """
-    _check_prompts(prompts, "proxy_generate")
+    check_texts(prompts, "prompts")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if batch_size < 1:
@@ -277,6 +269,8 @@ def proxy_generate(
         stop_at_eos=stop_at_eos,
         decode=decode,
         device=devices[0],
+        vocab_size=_vocab_size(strong, "strong"),
+        n_ctx=min((n for n in map(context_length, models) if n is not None), default=None),
     )
 
 
@@ -354,7 +348,7 @@ def proxy_sequence_logprobs(
         if bad:
             raise ValueError(f"pair {i} holds token ids outside [0, {d_vocab}): {bad[:5]}")
     tok = strong.tokenizer
-    pad = pad_token_id(tok)
+    pad = pad_token_id(tok, d_vocab)
     devices = [model_device(m) for m in models]
     out_device = devices[0]
     order = sorted(range(len(pairs)), key=lambda i: -sum(map(len, pairs[i])))

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from contrans_tl.activations import _StopForward
 from contrans_tl.data import EMOTIONS
-from contrans_tl.sites import model_device
+from contrans_tl.sites import check_context, model_device
 from contrans_tl.steering import Steering, steering_session
 from contrans_tl.tokens import pad_token_id
 
@@ -298,9 +298,15 @@ class EmotionTask:
         top = torch.empty(len(queries), dtype=torch.long)
         emo = torch.empty(len(queries), len(EMOTIONS))
         emo_idx = torch.tensor(self.emotion_ids, device=dev)
-        pad = pad_token_id(model.tokenizer)
+        pad = pad_token_id(model.tokenizer, model.cfg.d_vocab)
         p = len(self.prefix_ids)
-        with steering_session(steering) as state:
+        check_context(
+            model,
+            [p + len(q) for q in queries],
+            what="query (few-shot prefix + query)",
+            hint="use fewer few-shot examples (n_fewshot) or shorter scenarios",
+        )
+        with steering_session(steering, model) as state:
             cache = None
             if reuse_prefix:
                 state.reset()

@@ -18,9 +18,9 @@ import torch
 from torch import Tensor
 
 from contrans_tl.data import wikisplit_sentences
-from contrans_tl.sites import model_device
+from contrans_tl.sites import check_context, model_device
 from contrans_tl.steering import Steering, steering_session
-from contrans_tl.tokens import pad_left, pad_token_id
+from contrans_tl.tokens import check_texts, pad_left, pad_token_id
 
 __all__ = ["perplexity", "heldout_wikisplit"]
 
@@ -66,8 +66,7 @@ def perplexity(
         >>> perplexity(model, ["The cat sat on the mat.", "It rained all day."])["ppl"]
         412.7
     """
-    if isinstance(texts, str):
-        raise TypeError("perplexity() takes a list of texts, got one str; wrap it in a list")
+    check_texts(texts)
     if not texts:
         raise ValueError("no texts given")
     empty = [i for i, t in enumerate(texts) if not t.strip()]
@@ -81,14 +80,20 @@ def perplexity(
     encoded = [
         [int(i) for i in tok(t, truncation=True, max_length=max_length)["input_ids"]] for t in texts
     ]
+    check_context(
+        model,
+        [len(e) for e in encoded],
+        what="text",
+        hint=f"lower max_length (now {max_length}) to at most that",
+    )
     if all(len(e) < 2 for e in encoded):
         raise ValueError("no text has two tokens; there is nothing to predict")
     dev = model_device(model)
-    pad = pad_token_id(tok)
+    pad = pad_token_id(tok, model.cfg.d_vocab)
     nll = [0.0] * len(texts)
     counts = [max(len(e) - 1, 0) for e in encoded]
     order = sorted((i for i in range(len(texts)) if counts[i] > 0), key=lambda i: -len(encoded[i]))
-    with steering_session(steering) as state:
+    with steering_session(steering, model) as state:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             ids, mask = pad_left([encoded[i] for i in idx], pad)

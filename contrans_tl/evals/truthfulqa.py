@@ -71,7 +71,7 @@ from tqdm.auto import tqdm
 from contrans_tl.activations import _StopForward
 from contrans_tl.data import data_dir
 from contrans_tl.evals.emotion import prefill_cache
-from contrans_tl.sites import model_device
+from contrans_tl.sites import check_context, model_device
 from contrans_tl.steering import Steering, steering_session
 from contrans_tl.tokens import pad_token_id
 
@@ -543,9 +543,15 @@ def score_many(
         if empty:
             raise ValueError(f"{where}choices {empty} have no tokens; every choice needs one")
         parsed.append((ctx, choices))
+    check_context(
+        model,
+        [len(c) + max(len(x) for x in ch) for c, ch in parsed],
+        what="item",
+        hint="its context plus its longest choice must fit; shorten the prompt or answers",
+    )
     scores: list[list[float]] = [[0.0] * len(c) for _, c in parsed]
     done = 0
-    with steering_session(steering) as state:
+    with steering_session(steering, model) as state:
         if not reuse_prefix:
             for q, (ctx, choices) in enumerate(parsed):
                 _score_unshared(model, state, ctx, choices, batch_size, scores[q])
@@ -632,7 +638,7 @@ def _score_group(
 ) -> list[list[float]]:
     """The fast path for one group of questions (see :func:`score_many`)."""
     dev = model_device(model)
-    pad = pad_token_id(model.tokenizer)
+    pad = pad_token_id(model.tokenizer, model.cfg.d_vocab)
     width_p = max(len(ctx) for ctx, _ in group)  # P: padded context length
     n_q = len(group)
     pids = torch.full((n_q, width_p - 1), pad, dtype=torch.long)
@@ -685,7 +691,7 @@ def _score_unshared(
 ) -> None:
     """The reference path: context + choice in full for every choice (one question)."""
     dev = model_device(model)
-    pad = pad_token_id(model.tokenizer)
+    pad = pad_token_id(model.tokenizer, model.cfg.d_vocab)
     p = len(ctx)
     order = sorted(range(len(choices)), key=lambda i: -len(choices[i]))
     state.reset()
