@@ -6,28 +6,177 @@ Subcommands:
               similarity, vector cosines, norms, token shifts, PCA, t-SNE, separation,
               and an alpha sweep of Token Acc against perplexity
     fetch     install, join, verify and dequantize offline-zoo models ahead of time
+
+Settings, model names and --out are checked before any model is loaded (layer ranges
+right after the target is); a user error prints one line and exits with status 2,
+leaving the file system as it was.
 """
 
 import argparse
+import difflib
+import math
+import re
 import shlex
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
-__all__ = ["main"]
+__all__ = ["check_model_name", "load_checked_model", "main"]
+
+
+class _UsageError(Exception):
+    """A user error: :func:`main` prints it as one line and exits with status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (``prog: message``), status 2.
+
+    It also records its options that take a value (:func:`_join_negative_values`).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.value_options: set[str] = set()
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        action = super().add_argument(*args, **kwargs)
+        if action.option_strings and action.nargs != 0:
+            self.value_options.update(action.option_strings)
+        return action
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {_one_line(message)} (see '{self.prog} --help')\n")
+
+
+def _one_line(message: str) -> str:
+    return " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+
+
+_NUMBER = r"-?(?:(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?|inf(?:inity)?|nan)"
+_NUMBER_LIST = re.compile(rf"\s*{_NUMBER}(?:\s*[,\s]\s*{_NUMBER})*\s*", re.IGNORECASE)
+
+
+def _join_negative_values(argv: Sequence[str], value_options: set[str]) -> list[str]:
+    """``['--alphas', '-1,0.5']`` -> ``['--alphas=-1,0.5']``.
+
+    argparse takes a value that starts with ``-`` (other than one plain negative number)
+    for an option and fails with "expected one argument"; joined, it reaches the
+    option's own check.
+    """
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--":
+            out.extend(argv[i:])
+            break
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
+        if (
+            a in value_options
+            and nxt is not None
+            and nxt.startswith("-")
+            and _NUMBER_LIST.fullmatch(nxt)
+        ):
+            out.append(f"{a}={nxt}")
+            i += 2
+            continue
+        out.append(a)
+        i += 1
+    return out
 
 
 def _floats(text: str) -> list[float]:
     try:
-        return [float(x) for x in text.replace(",", " ").split()]
+        values = [float(x) for x in text.replace(",", " ").split()]
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected numbers like '0.1,0.2,0.4', got {text!r}"
         ) from None
+    bad = [x for x in values if not math.isfinite(x)]
+    if bad:
+        raise argparse.ArgumentTypeError(
+            f"expected finite numbers like '0.1,0.2,0.4', got {text!r} "
+            f"({', '.join(map(str, bad))} is not a finite strength)"
+        )
+    return values
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def check_model_name(name: str) -> None:
+    """Refuse, without loading anything, a model name that ``load_model`` refuses.
+
+    :func:`contrans_tl.models.resolve_model_name` does the work: a zoo name, an existing
+    folder, an existing ``.gguf`` file (with a GGUF header), or a Hugging Face hub id.
+    Whether a hub id exists (and the hub can be reached) is only known when loading.
+
+    Raises:
+        ValueError, FileNotFoundError: as ``resolve_model_name``, with a zoo-name
+            suggestion for a near miss.
+    """
+    from contrans_tl.models import ZOO, resolve_model_name
+
+    try:
+        resolve_model_name(name)
+    except ValueError as e:
+        close = difflib.get_close_matches(str(name), list(ZOO), n=1, cutoff=0.5)
+        if not close:
+            raise
+        raise ValueError(f"{e}; did you mean the zoo name {close[0]!r}?") from None
+
+
+def load_checked_model(name: str, **kwargs: Any) -> Any:
+    """:func:`check_model_name`, then :func:`contrans_tl.models.load_model`.
+
+    Args:
+        name: the model name or path.
+        **kwargs: passed to ``load_model``.
+
+    Returns:
+        The loaded model (a TransformerBridge).
+
+    Raises:
+        ValueError, FileNotFoundError: the name is refused (nothing is loaded).
+        OSError: ``load_model`` could not load it (e.g. a hub id with the hub unreachable).
+    """
+    from contrans_tl import models
+
+    check_model_name(name)
+    return models.load_model(name, **kwargs)
+
+
+def _check_names(*pairs: tuple[str, str]) -> None:
+    """Check every ``(option, model name)`` before any model is loaded."""
+    for option, name in pairs:
+        try:
+            check_model_name(name)
+        except (ValueError, OSError) as e:
+            raise _UsageError(f"{option}: {e}") from None
+
+
+def _load(option: str, name: str) -> Any:
+    try:
+        return load_checked_model(name)
+    except (ValueError, OSError) as e:
+        raise _UsageError(f"{option} {name!r}: {e}") from None
+
+
+def _check_out(out: str) -> None:
+    from contrans_tl.evals.emotion_run import check_out_dir
+
+    try:
+        check_out_dir(out, name="--out")
+    except (ValueError, OSError) as e:
+        raise _UsageError(str(e)) from None
+
+
+def _command_line(argv: Sequence[str] | None) -> str:
+    return "python -m contrans_tl " + " ".join(
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
+    )
+
+
+def _build_parser() -> tuple[argparse.ArgumentParser, set[str]]:
+    """The parser, and every option of a subcommand that takes a value."""
+    p = _Parser(
         prog="contrans", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = p.add_subparsers(dest="command", required=True)
@@ -64,18 +213,18 @@ def _build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--no-self", action="store_true", help="skip the Self reference")
     e.add_argument("--no-random", action="store_true", help="skip the Random reference")
-    _add_analyze(sub)
+    a = _add_analyze(sub)
     f = sub.add_parser("fetch", help="prepare offline-zoo models (install, join, verify, cache)")
     f.add_argument("names", nargs="+", help="zoo names")
     f.add_argument("--tokenizer-only", action="store_true")
-    return p
+    return p, e.value_options | a.value_options | f.value_options
 
 
 def _names(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
-def _add_analyze(sub: Any) -> None:
+def _add_analyze(sub: Any) -> Any:
     from contrans_tl.analysis.run import DEFAULT_ALPHAS, SWEEP_METHODS
 
     a = sub.add_parser(
@@ -154,6 +303,7 @@ def _add_analyze(sub: Any) -> None:
     a.add_argument("--max-ppl-ratio", type=float, default=1.5)
     a.add_argument("--batch-size", type=int, default=16)
     a.add_argument("--seed", type=int, default=0)
+    return a
 
 
 def _layer_sets(spec: str, n_layers: int) -> dict[str, list[int] | None]:
@@ -169,13 +319,7 @@ def _layer_sets(spec: str, n_layers: int) -> dict[str, list[int] | None]:
 def _analyze(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     from contrans_tl.analysis.run import check_analysis_args, run_analysis
     from contrans_tl.data import EMOTIONS
-    from contrans_tl.io import artifact_paths
-    from contrans_tl.models import load_model
-    from contrans_tl.sites import check_layers
-
-    def fail(msg: str) -> int:
-        print(f"contrans analyze: {msg}", file=sys.stderr)
-        return 2
+    from contrans_tl.sites import check_layers, parse_layers
 
     emotions = args.emotions if args.emotions is not None else list(EMOTIONS)
     sizes = {
@@ -207,38 +351,44 @@ def _analyze(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     # everything that can be checked without the models, before loading them
     try:
         check_analysis_args(**settings)
-        _layer_sets(args.layers, 10**6)  # syntax only; ranges once the target is loaded
-        lens_spec = args.lens_layers
-        if lens_spec is not None:
-            _layer_sets(lens_spec, 10**6)
     except ValueError as e:
-        return fail(str(e))
+        raise _UsageError(str(e)) from None
+    for option, spec in (("--layers", args.layers), ("--lens-layers", args.lens_layers)):
+        if spec is not None:
+            try:
+                _layer_sets(spec, 10**6)  # syntax only; ranges once the target is loaded
+            except (ValueError, TypeError) as e:
+                raise _UsageError(f"{option}: {e}") from None
     if args.map is not None and args.layer_match != "depth":
-        return fail(
+        raise _UsageError(
             f"--layer-match {args.layer_match} chooses the layer pairs of a map to fit; "
             "--map loads one with its own pairs. Drop one of them"
         )
+    loaded_map = None
     if args.map is not None:
-        missing = [str(p) for p in artifact_paths(args.map) if not p.exists()]
-        if missing:
-            return fail(f"--map {args.map!r}: {', '.join(missing)} not found")
-    target = load_model(args.target)
-    source = load_model(args.source)
+        from contrans_tl.maps import ResidualMap
+
+        try:
+            loaded_map = ResidualMap.load(args.map)
+        except (ValueError, OSError) as e:
+            raise _UsageError(f"--map {args.map!r}: {_one_line(str(e))}") from None
+    _check_out(args.out)
+    _check_names(("--source", args.source), ("--target", args.target))
+    target = _load("--target", args.target)
+    source = _load("--source", args.source)
     n_tgt = int(target.cfg.n_layers)
     try:
         layer_sets = _layer_sets(args.layers, n_tgt)
-        lens = None
-        if args.lens_layers is not None:
-            from contrans_tl.sites import parse_layers
-
-            lens = parse_layers(args.lens_layers, n_tgt)
+        lens = None if args.lens_layers is None else parse_layers(args.lens_layers, n_tgt)
         if args.pca_layer is not None:
             check_layers(n_tgt, [args.pca_layer])
     except ValueError as e:
-        return fail(f"{e} (target {args.target!r} has {n_tgt} layers)")
-    command = "python -m contrans_tl " + " ".join(
-        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
-    )
+        raise _UsageError(f"{e} (target {args.target!r} has {n_tgt} layers)") from None
+    if loaded_map is not None:
+        try:
+            loaded_map.check_models(source, target)
+        except (ValueError, OSError) as e:
+            raise _UsageError(f"--map {args.map!r}: {e}") from None
     res = run_analysis(
         source,
         target,
@@ -248,7 +398,7 @@ def _analyze(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         layers_for_lens=lens,
         pca_layer=args.pca_layer,
         seed=args.seed,
-        command=command,
+        command=_command_line(argv),
         **settings,
     )
     for r in res["alpha_sweep"]["rows"]:
@@ -258,64 +408,106 @@ def _analyze(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _build_parser().parse_args(argv)
-    if args.command == "analyze":
-        return _analyze(args, argv)
-    if args.command == "fetch":
-        from contrans_tl.models import load_model, load_tokenizer
+def _emotion(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
+    from contrans_tl.evals.emotion_run import check_emotion_args, run_emotion_experiment
+    from contrans_tl.sites import parse_layers
 
-        for name in args.names:
-            if args.tokenizer_only:
-                load_tokenizer(name)
-            else:
-                load_model(name)
-            print(f"{name}: ready")
-        return 0
-    if args.command == "emotion":
-        from contrans_tl.evals.emotion_run import run_emotion_experiment
-        from contrans_tl.maps import PAIRINGS
-        from contrans_tl.models import load_model
-        from contrans_tl.sites import parse_layers
-
-        pairings = [x.strip() for x in args.pairings.split(",") if x.strip()]
-        bad = [x for x in pairings if x not in PAIRINGS]
-        if bad or not pairings:
-            print(
-                f"contrans emotion: --pairings takes a comma list of {', '.join(PAIRINGS)}; "
-                f"got {args.pairings!r}",
-                file=sys.stderr,
-            )
-            return 2
-        target = load_model(args.target)
-        source = load_model(args.source)
-        layers = parse_layers(args.layers, target.cfg.n_layers)
-        command = "python -m contrans_tl " + " ".join(
-            shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
-        )
-        res = run_emotion_experiment(
-            source,
-            target,
-            args.out,
+    pairings = [x.strip() for x in args.pairings.split(",") if x.strip()]
+    try:
+        parse_layers(args.layers, 10**6)  # syntax only; the range once the target is loaded
+    except (ValueError, TypeError) as e:
+        raise _UsageError(f"--layers: {e}") from None
+    sizes = {
+        "n_map_texts": args.n_map_texts,
+        "n_refine": args.n_refine,
+        "n_fewshot": args.n_fewshot,
+        "n_negatives": args.n_negatives,
+        "n_validation_negatives": args.n_validation_negatives,
+        "batch_size": args.batch_size,
+    }
+    try:
+        check_emotion_args(
             alphas=args.alphas,
-            layers=layers,
             pairings=pairings,
             map_method=args.map_method,
-            n_map_texts=args.n_map_texts,
-            n_refine=args.n_refine,
-            n_fewshot=args.n_fewshot,
-            n_negatives=args.n_negatives,
-            n_validation_negatives=args.n_validation_negatives,
-            batch_size=args.batch_size,
             seed=args.seed,
-            include_self=not args.no_self,
-            include_random=not args.no_random,
-            command=command,
+            **sizes,
         )
-        for m, s in res["summary"].items():
-            print(
-                f"{m:>22}  alpha={s['alpha']:<6g} token_acc={s['token_acc']:.3f} "
-                f"logit_acc={s['logit_acc']:.3f}"
-            )
-        return 0
+    except ValueError as e:
+        raise _UsageError(str(e)) from None
+    _check_out(args.out)
+    _check_names(("--source", args.source), ("--target", args.target))
+    target = _load("--target", args.target)
+    source = _load("--source", args.source)
+    n_tgt = int(target.cfg.n_layers)
+    try:
+        layers = parse_layers(args.layers, n_tgt)
+    except ValueError as e:
+        raise _UsageError(f"--layers: {e} (target {args.target!r} has {n_tgt} layers)") from None
+    res = run_emotion_experiment(
+        source,
+        target,
+        args.out,
+        alphas=args.alphas,
+        layers=layers,
+        pairings=pairings,
+        map_method=args.map_method,
+        seed=args.seed,
+        include_self=not args.no_self,
+        include_random=not args.no_random,
+        command=_command_line(argv),
+        **sizes,
+    )
+    for m, s in res["summary"].items():
+        print(
+            f"{m:>22}  alpha={s['alpha']:<6g} token_acc={s['token_acc']:.3f} "
+            f"logit_acc={s['logit_acc']:.3f}"
+        )
+    return 0
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    from contrans_tl.models import load_tokenizer
+
+    _check_names(*(("fetch", name) for name in args.names))
+    for name in args.names:
+        if args.tokenizer_only:
+            try:
+                load_tokenizer(name)
+            except (ValueError, OSError) as e:
+                raise _UsageError(f"{name!r}: {e}") from None
+        else:
+            _load("fetch", name)
+        print(f"{name}: ready")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``contrans`` command.
+
+    Every setting that can be checked without the models is checked before any model is
+    loaded; the layer ranges right after the target is loaded. A user error (a bad
+    setting, model name or output folder) prints one line, ``contrans COMMAND: message``,
+    on stderr and gives status 2, having written nothing; argparse's own errors (an
+    unknown option, a malformed number) exit with status 2 the same way (``SystemExit``).
+
+    Args:
+        argv: the arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit status: 0 on success, 2 for a user error.
+    """
+    parser, value_options = _build_parser()
+    given = list(argv if argv is not None else sys.argv[1:])
+    args = parser.parse_args(_join_negative_values(given, value_options))
+    try:
+        if args.command == "analyze":
+            return _analyze(args, given)
+        if args.command == "emotion":
+            return _emotion(args, given)
+        if args.command == "fetch":
+            return _fetch(args)
+    except _UsageError as e:
+        print(f"contrans {args.command}: {_one_line(str(e))}", file=sys.stderr)
+        return 2
     return 2

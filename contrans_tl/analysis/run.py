@@ -76,9 +76,9 @@ from contrans_tl.evals.emotion import (
     score,
     split_scenarios,
 )
-from contrans_tl.evals.emotion_run import random_like
+from contrans_tl.evals.emotion_run import check_out_dir, random_like
 from contrans_tl.evals.perplexity import heldout_wikisplit, perplexity
-from contrans_tl.io import artifact_paths, write_json
+from contrans_tl.io import write_json
 from contrans_tl.maps import PAIRINGS, MapMethod, Pairing, ResidualMap, fit_residual_map
 from contrans_tl.models import model_provenance
 from contrans_tl.sites import check_layers
@@ -182,8 +182,8 @@ def check_analysis_args(
     wrong = [a for a in alphas if not (math.isfinite(a) and a > 0)]
     if wrong:
         raise ValueError(
-            f"every alpha must be a finite number > 0 (alpha 0 is always run as the "
-            f"unsteered base), got {wrong}"
+            f"every alpha in alphas must be a finite number > 0 (alpha 0 is always run as "
+            f"the unsteered base), got {wrong}; e.g. 0.25,0.5,1,2"
         )
     if not (math.isfinite(alpha) and alpha != 0):
         raise ValueError(f"alpha (for token shifts and PCA) must be finite and non-zero: {alpha}")
@@ -378,7 +378,9 @@ def run_analysis(
     Args:
         source: the model the vectors come from (TransformerLens bridge).
         target: the model they are transplanted into.
-        out_dir: output folder (created).
+        out_dir: output folder (checked first with
+            :func:`~contrans_tl.evals.emotion_run.check_out_dir`; created once the map is
+            fitted or loaded and checked, so a run refused on its settings leaves nothing).
         emotions: emotions whose vectors are analysed (the t-SNE and separation always
             use all six as labels).
         map_path: a saved :class:`~contrans_tl.maps.ResidualMap` to use instead of
@@ -434,6 +436,7 @@ def run_analysis(
         ValueError: a setting out of range (see :func:`check_analysis_args`), a layer out
             of range or not mapped, or a map of other models.
         FileNotFoundError: ``map_path`` does not exist.
+        NotADirectoryError, PermissionError: ``out_dir`` cannot be written.
 
     Example:
         >>> run_analysis(src, tgt, "runs/analysis", alphas=[0.5, 1, 2],
@@ -489,15 +492,11 @@ def run_analysis(
             f"layer_match={layer_match!r} chooses the layer pairs of a map to fit, but "
             "map_path loads a map with its own pairs; drop one of them"
         )
-    if map_path is not None:
-        for p in artifact_paths(map_path):
-            if not p.exists():
-                raise FileNotFoundError(
-                    f"map {p} not found; a map is NAME.safetensors + NAME.json (from "
-                    "ResidualMap.save or a previous analyze run's artifacts/residual_map)"
-                )
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    loaded_map = None
+    if map_path is not None:  # before any work: a missing or broken map fails here
+        loaded_map = ResidualMap.load(map_path)
+        loaded_map.check_models(source, target)
+    out = check_out_dir(out_dir)  # created once the map is checked, before the first file
     art = out / "artifacts"
     seconds: dict[str, float] = {}
     files: dict[str, list[str]] = {}
@@ -530,9 +529,8 @@ def run_analysis(
         )
 
     match_sim = None
-    if map_path is not None:
-        rmap = ResidualMap.load(map_path)
-        rmap.check_models(source, target)
+    if loaded_map is not None:
+        rmap = loaded_map
         map_info: dict[str, Any] = {"loaded_from": str(map_path), "layer_match": "loaded"}
     else:
         pairs = None
@@ -554,7 +552,6 @@ def run_analysis(
             seed=seed,
             batch_size=batch_size,
         )
-        rmap.save(art / "residual_map")
         map_info = {"fitted_on_texts": n_map_texts, "layer_match": layer_match}
     mapped = [tl for _, tl in rmap.layer_pairs]
     if layers_for_lens is None and layer_match != "depth":
@@ -571,6 +568,9 @@ def run_analysis(
                 f"{what} has target layers {missing} that the map does not reach; mapped "
                 f"target layers: {mapped}"
             )
+    out.mkdir(parents=True, exist_ok=True)
+    if map_path is None:
+        rmap.save(art / "residual_map")
     map_info.update(
         {
             "pairing": rmap.pairing,

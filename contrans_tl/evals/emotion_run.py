@@ -13,11 +13,13 @@ Methods compared on the target model, for every α of a grid:
 The full α grid on the evaluation negatives is in the results for the other methods.
 """
 
+import math
+import os
 import platform
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 
@@ -34,9 +36,178 @@ from contrans_tl.evals.emotion import (
 from contrans_tl.io import write_json
 from contrans_tl.maps import PAIRINGS, MapMethod, Pairing, fit_residual_map
 from contrans_tl.models import model_provenance
+from contrans_tl.sites import check_layers
 from contrans_tl.steering import make_steering
 
-__all__ = ["run_emotion_experiment", "random_like", "write_markdown"]
+__all__ = [
+    "check_emotion_args",
+    "check_out_dir",
+    "run_emotion_experiment",
+    "random_like",
+    "write_markdown",
+]
+
+_MAP_METHODS = get_args(MapMethod)
+_N_VALIDATION = 20  # validation scenarios per emotion (the negatives that pick alpha)
+
+
+def check_out_dir(out_dir: str | os.PathLike[str], *, name: str = "out_dir") -> Path:
+    """Check that ``out_dir`` can be the output folder of a run, without creating it.
+
+    Fine: an existing writable folder (empty or not: files of the same names in it are
+    replaced), or a path that does not exist yet whose nearest existing ancestor is a
+    writable folder. Nothing is created here; a run creates the folder when it writes.
+
+    Args:
+        out_dir: the output folder.
+        name: what to call it in messages (``"--out"`` for the command line).
+
+    Returns:
+        ``out_dir`` as a :class:`~pathlib.Path` (``~`` expanded).
+
+    Raises:
+        ValueError: ``out_dir`` is empty.
+        NotADirectoryError: ``out_dir`` is an existing file, or lies under one.
+        PermissionError: the folder, or the nearest existing ancestor it would be created
+            in, is not writable.
+    """
+    if not str(os.fspath(out_dir)).strip():
+        raise ValueError(f"{name} is empty; give the folder to write the results into")
+    path = Path(out_dir).expanduser()
+    probe = path
+    while True:
+        try:
+            exists = probe.exists() or probe.is_symlink()
+        except OSError as e:
+            raise PermissionError(f"{name} {str(out_dir)!r}: cannot look at {probe}: {e}") from None
+        if exists or probe == probe.parent:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        where = "is an existing file" if probe == path else f"is under {probe}, which is a file"
+        raise NotADirectoryError(
+            f"{name} {str(out_dir)!r} {where}, not a folder; give a folder (existing, or new "
+            "under an existing folder)"
+        )
+    if not os.access(probe, os.W_OK | os.X_OK):
+        where = "is a folder" if probe == path else f"would be created in {probe}, a folder"
+        raise PermissionError(
+            f"{name} {str(out_dir)!r} {where} that this user cannot write to; give a "
+            "writable folder"
+        )
+    return path
+
+
+def check_emotion_args(
+    *,
+    alphas: Sequence[float] = (0.05, 0.1, 0.2, 0.4, 0.8),
+    layers: Sequence[int] | None = None,
+    pairings: Sequence[str] = ("last", "word_ends"),
+    map_method: str = "svd",
+    n_map_texts: int = 2000,
+    n_refine: int = 100,
+    n_fewshot: int = 3,
+    n_negatives: int = 50,
+    n_validation_negatives: int = 30,
+    batch_size: int = 16,
+    seed: int = 0,
+    out_dir: str | os.PathLike[str] | None = None,
+) -> list[float]:
+    """Check the settings of :func:`run_emotion_experiment` that do not need the models.
+
+    Called by :func:`run_emotion_experiment` and, before any model is loaded, by the
+    ``contrans emotion`` command. Also cuts the scenario split, which must leave enough
+    scenarios and negatives for every part. Layers are checked as indices only (their
+    range needs the target: :func:`run_emotion_experiment` checks it first thing).
+
+    Args:
+        alphas, layers, pairings, map_method, n_map_texts, n_refine, n_fewshot,
+            n_negatives, n_validation_negatives, batch_size, seed: as for
+            :func:`run_emotion_experiment`.
+        out_dir: the output folder, checked with :func:`check_out_dir` (``None``: not
+            checked).
+
+    Returns:
+        The strengths the experiment runs, sorted and without duplicates.
+
+    Raises:
+        ValueError: a setting out of range, naming it and what would be valid.
+        NotADirectoryError, PermissionError: ``out_dir`` cannot be written
+            (:func:`check_out_dir`).
+    """
+    if isinstance(alphas, (str, bytes)) or not isinstance(alphas, Sequence):
+        raise ValueError(f"alphas must be a list of strengths > 0, got {alphas!r}")
+    values = []
+    for a in alphas:
+        if isinstance(a, bool) or not isinstance(a, (int, float)):
+            raise ValueError(f"alphas must be real numbers, got {a!r} in {list(alphas)}")
+        values.append(float(a))
+    if not values:
+        raise ValueError("alphas is empty; give strengths > 0, e.g. 0.05,0.1,0.2 (0 is base)")
+    wrong = [a for a in values if not (math.isfinite(a) and a > 0)]
+    if wrong:
+        raise ValueError(
+            f"alphas must be finite numbers > 0 (alpha 0 is always run as the unsteered "
+            f"'base'), got {wrong}; e.g. 0.05,0.1,0.2"
+        )
+    if layers is not None:
+        check_layers(10**6, layers)  # indices only; the range once the target is known
+    if isinstance(pairings, str):
+        raise ValueError(f"pairings must be a list of pairings, got the string {pairings!r}")
+    bad = [p for p in pairings if p not in PAIRINGS]
+    if bad or not pairings:
+        raise ValueError(
+            f"pairings must be a non-empty list of {list(PAIRINGS)}, got {list(pairings)}"
+        )
+    if len(set(pairings)) != len(pairings):
+        raise ValueError(f"pairings must be distinct, got {list(pairings)}")
+    if map_method not in _MAP_METHODS:
+        raise ValueError(f"map_method must be one of {list(_MAP_METHODS)}, got {map_method!r}")
+    minimum = {
+        "n_map_texts": (n_map_texts, 10),
+        "n_refine": (n_refine, 1),
+        "n_fewshot": (n_fewshot, 1),
+        "n_negatives": (n_negatives, 1),
+        "n_validation_negatives": (n_validation_negatives, 1),
+        "batch_size": (batch_size, 1),
+    }
+    for name, (value, low) in minimum.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    n_texts = len(wikisplit_sentences())
+    if n_map_texts > n_texts:
+        raise ValueError(
+            f"n_map_texts must be at most {n_texts} (the WikiSplit sentences there are), "
+            f"got {n_map_texts}"
+        )
+    scenarios = emotion_scenarios()
+    have = min(len(v) for v in scenarios.values())
+    if n_fewshot + n_refine + _N_VALIDATION + 1 > have:
+        raise ValueError(
+            f"n_refine={n_refine} with n_fewshot={n_fewshot} leaves no evaluation scenarios: "
+            f"the smallest emotion has {have} scenarios for few-shot + refinement + "
+            f"{_N_VALIDATION} validation + at least 1 evaluation; n_refine can be at most "
+            f"{have - n_fewshot - _N_VALIDATION - 1} with this n_fewshot"
+        )
+    split = split_scenarios(
+        scenarios, n_fewshot=n_fewshot, n_refine=n_refine, n_validation=_N_VALIDATION, seed=seed
+    )
+    for part, n, name in (
+        ("validation", n_validation_negatives, "n_validation_negatives"),
+        ("evaluation", n_negatives, "n_negatives"),
+    ):
+        pool = getattr(split, part)
+        have = min(sum(len(pool[o]) for o in EMOTIONS if o != e) for e in EMOTIONS)
+        if n > have:
+            raise ValueError(
+                f"{name} must be at most {have} (the {part} scenarios of the other emotions "
+                f"with n_fewshot={n_fewshot}, n_refine={n_refine}), got {n}"
+            )
+    if out_dir is not None:
+        check_out_dir(out_dir)
+    return sorted(set(values))
 
 
 def random_like(vector: ConceptVector, seed: int) -> ConceptVector:
@@ -78,8 +249,9 @@ def run_emotion_experiment(
     Args:
         source: the model the vectors come from (weak, aligned).
         target: the model they are added to.
-        out_dir: where results.json and results.md go.
-        alphas: strengths (``α > 0``); α = 0 is the ``base`` row.
+        out_dir: where results.json and results.md go (created when they are written;
+            checked first with :func:`check_out_dir`).
+        alphas: strengths (finite, ``α > 0``); α = 0 is always run, as the ``base`` row.
         layers: target layers to steer (``None``: all of them, as in the paper).
         pairings: map pairings to compare (each gives a ``contrans_<pairing>`` method).
         map_method: ``"svd"`` (paper) or ``"ridge"``.
@@ -95,17 +267,38 @@ def run_emotion_experiment(
 
     Returns:
         The dict written to ``results.json``.
+
+    Raises:
+        ValueError: a setting out of range (see :func:`check_emotion_args`) or a layer
+            the target does not have; raised before any work.
+        NotADirectoryError, PermissionError: ``out_dir`` cannot be written
+            (:func:`check_out_dir`).
     """
     t0 = time.time()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    alphas = sorted({float(a) for a in alphas if float(a) > 0})
-    if not alphas:
-        raise ValueError("give at least one alpha > 0 (alpha 0 is always run as 'base')")
-    bad = [p for p in pairings if p not in PAIRINGS]
-    if bad or not pairings:
-        raise ValueError(f"pairings must be a non-empty list of {PAIRINGS}, got {list(pairings)}")
-    split = split_scenarios(emotion_scenarios(), n_fewshot=n_fewshot, n_refine=n_refine, seed=seed)
+    alphas = check_emotion_args(
+        alphas=alphas,
+        layers=layers,
+        pairings=pairings,
+        map_method=map_method,
+        n_map_texts=n_map_texts,
+        n_refine=n_refine,
+        n_fewshot=n_fewshot,
+        n_negatives=n_negatives,
+        n_validation_negatives=n_validation_negatives,
+        batch_size=batch_size,
+        seed=seed,
+        out_dir=out_dir,
+    )
+    if layers is not None:
+        layers = check_layers(target, layers)
+    out = Path(out_dir).expanduser()  # created when the results are written
+    split = split_scenarios(
+        emotion_scenarios(),
+        n_fewshot=n_fewshot,
+        n_refine=n_refine,
+        n_validation=_N_VALIDATION,
+        seed=seed,
+    )
     _log(f"split sizes {split.sizes()['evaluation']} (evaluation)")
 
     prompts = {e: refinement_prompts(split, e) for e in EMOTIONS}
@@ -266,6 +459,7 @@ def run_emotion_experiment(
             "threads": torch.get_num_threads(),
         },
     }
+    out.mkdir(parents=True, exist_ok=True)
     write_json(out / "results.json", result)
     (out / "results.md").write_text(write_markdown(result))
     _log(f"done in {result['seconds']} s -> {out}")
