@@ -76,7 +76,7 @@ from contrans_tl.evals.emotion import (
     score,
     split_scenarios,
 )
-from contrans_tl.evals.emotion_run import check_out_dir, random_like
+from contrans_tl.evals.emotion_run import check_minimums, check_out_dir, random_like
 from contrans_tl.evals.perplexity import heldout_wikisplit, perplexity
 from contrans_tl.io import write_json
 from contrans_tl.maps import PAIRINGS, MapMethod, Pairing, ResidualMap, fit_residual_map
@@ -169,9 +169,7 @@ def check_analysis_args(
         "top_tokens": (top_tokens, 1),
         "batch_size": (batch_size, 1),
     }
-    for name, (value, low) in minimum.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    check_minimums(minimum)
     if not similarity_max_gb > 0:
         raise ValueError(f"similarity_max_gb must be > 0, got {similarity_max_gb}")
     if isinstance(alphas, (int, float)):

@@ -17,7 +17,7 @@ import math
 import os
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, get_args
 
@@ -41,6 +41,7 @@ from contrans_tl.steering import make_steering
 
 __all__ = [
     "check_emotion_args",
+    "check_minimums",
     "check_out_dir",
     "run_emotion_experiment",
     "random_like",
@@ -96,6 +97,17 @@ def check_out_dir(out_dir: str | os.PathLike[str], *, name: str = "out_dir") -> 
             "writable folder"
         )
     return path
+
+
+def check_minimums(minimum: Mapping[str, tuple[object, int]]) -> None:
+    """Check counts: ``{name: (value, lowest valid)}``; each must be an int ``>= lowest``.
+
+    Raises:
+        ValueError: naming the first count that is not an integer or is too small.
+    """
+    for name, (value, low) in minimum.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
 def check_emotion_args(
@@ -171,9 +183,7 @@ def check_emotion_args(
         "n_validation_negatives": (n_validation_negatives, 1),
         "batch_size": (batch_size, 1),
     }
-    for name, (value, low) in minimum.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    check_minimums(minimum)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an integer, got {seed!r}")
     n_texts = len(wikisplit_sentences())
