@@ -1,0 +1,136 @@
+"""Interventions: weight swaps restored bit for bit, stacks, instructions, the protocol."""
+
+import pytest
+import torch
+from conftest import tiny_llama, tiny_llama_hf
+
+from contrans_tl.interventions import (
+    Instruction,
+    Intervention,
+    Stack,
+    WeightSwap,
+    applied,
+    describe,
+    donor_weights,
+    parameter_table,
+)
+
+GATE = "model.layers.1.mlp.gate_proj.weight"
+UP = "model.layers.2.mlp.up_proj.weight"
+
+
+@pytest.fixture(scope="module")
+def donor(byte_tokenizer):
+    """Same architecture and sizes as small_llama, other weights."""
+    return tiny_llama(byte_tokenizer, d_model=48, n_layers=3, seed=5, name="tiny-llama-donor")
+
+
+@pytest.fixture
+def ids(small_llama):
+    return small_llama.tokenizer(["The cat sat on the mat ."], return_tensors="pt")["input_ids"]
+
+
+def _snapshot(model):
+    return {n: p.detach().clone() for n, p in parameter_table(model).items()}
+
+
+def _assert_bit_equal(model, snap):
+    now = parameter_table(model)
+    assert now.keys() == snap.keys()
+    for n, p in now.items():
+        assert torch.equal(p, snap[n]), n
+
+
+def test_swap_equals_a_model_built_with_the_donor_modules(small_llama, donor, ids, byte_tokenizer):
+    weights = donor_weights(donor, [GATE, UP])
+    reference = tiny_llama_hf(byte_tokenizer, d_model=48, n_layers=3, seed=0)
+    state = reference.state_dict()
+    for n, w in weights.items():
+        state[n] = w
+    reference.load_state_dict(state)
+    before = small_llama(ids)
+    snap = _snapshot(small_llama)
+    with WeightSwap(small_llama, weights, name="dapa") as swap:
+        inside = small_llama(ids)
+        assert swap.active
+    with torch.no_grad():
+        want = reference(ids).logits
+    torch.testing.assert_close(inside, want, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(inside, before, atol=1e-4)  # the swap changed something
+    _assert_bit_equal(small_llama, snap)
+    torch.testing.assert_close(small_llama(ids), before, atol=0, rtol=0)
+
+
+def test_swap_restores_after_an_exception_and_nests(small_llama, donor, ids):
+    snap = _snapshot(small_llama)
+    swap = WeightSwap(small_llama, donor_weights(donor, [GATE]))
+    with pytest.raises(RuntimeError, match="inside"), swap:
+        raise RuntimeError("inside")
+    _assert_bit_equal(small_llama, snap)
+    with swap:
+        swapped = small_llama(ids)
+        with swap:
+            pass
+        torch.testing.assert_close(small_llama(ids), swapped, atol=0, rtol=0)  # still on
+    _assert_bit_equal(small_llama, snap)
+
+
+def test_swap_describes_what_it_changed(small_llama, donor):
+    swap = WeightSwap(small_llama, donor_weights(donor, [GATE]), name="dapa", metadata={"k": 1})
+    d = swap.describe()
+    table = parameter_table(small_llama)
+    total = sum(p.numel() for p in table.values())
+    assert d["parameters"] == [GATE] and d["n_parameters_swapped"] == table[GATE].numel()
+    assert d["fraction_of_parameters"] == pytest.approx(table[GATE].numel() / total)
+    assert d["metadata"] == {"k": 1} and d["name"] == "dapa"
+    assert isinstance(swap, Intervention)
+
+
+def test_swap_refuses_bad_weights(small_llama, wide_llama, donor):
+    with pytest.raises(KeyError, match=r"not in the model.*close names"):
+        WeightSwap(small_llama, {"model.layers.1.mlp.gate.weight": torch.zeros(1)})
+    with pytest.raises(ValueError, match=r"shape \(168, 80\) but the parameter has \(104, 48\)"):
+        WeightSwap(small_llama, donor_weights(wide_llama, [GATE]))
+    bad = donor_weights(donor, [GATE])
+    bad[GATE][0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        WeightSwap(small_llama, bad)
+    with pytest.raises(ValueError, match="at least one"):
+        WeightSwap(small_llama, {})
+    swap = WeightSwap(small_llama, donor_weights(donor, [GATE]))
+    with pytest.raises(ValueError, match="make one for this model"), applied(swap, donor):
+        pass
+
+
+def test_stack_enters_in_order_and_undoes_all_when_a_part_fails(small_llama, donor, ids):
+    snap = _snapshot(small_llama)
+    good = WeightSwap(small_llama, donor_weights(donor, [GATE]), name="a")
+
+    class Failing(WeightSwap):
+        def _apply(self):
+            raise RuntimeError("cannot apply")
+
+    failing = Failing(small_llama, donor_weights(donor, [UP]), name="b")
+    with pytest.raises(RuntimeError, match="cannot apply"), Stack([good, failing]):
+        pass
+    assert not good.active
+    _assert_bit_equal(small_llama, snap)
+    both = Stack([good, WeightSwap(small_llama, donor_weights(donor, [UP]), name="c")])
+    assert both.name == "a+c" and [p["name"] for p in both.describe()["parts"]] == ["a", "c"]
+    with both:
+        assert good.active
+    _assert_bit_equal(small_llama, snap)
+    with pytest.raises(ValueError, match="another model"):
+        Stack([good, WeightSwap(donor, donor_weights(donor, [UP]))])
+
+
+def test_instruction_and_base():
+    model = object()
+    inst = Instruction(model, "Be honest.")
+    with inst:
+        pass
+    assert inst.describe() == {"name": "inst_align", "kind": "Instruction", "text": "Be honest."}
+    assert isinstance(inst, Intervention)
+    with pytest.raises(ValueError, match="needs some text"):
+        Instruction(model, "  ")
+    assert describe(None) == {"name": "base"}
