@@ -1,9 +1,10 @@
 """Batched, padding-aware reads of the residual stream at chosen layers and positions.
 
 Only the requested hook points are hooked, only the requested positions are copied out,
-and the forward pass stops right after the deepest requested block (a hook raises once it
-has what it needs, so not even the unembedding runs). Texts are sorted by length and
-batched with left padding, so a batch wastes little compute on padding.
+and the forward pass stops right after the deepest requested block (not even the
+unembedding runs). Texts are sorted by length and batched with left padding, so a batch
+wastes little compute on padding. The batching and the early stop are
+:mod:`contrans_tl.forward`'s (:func:`forward_until` is re-exported here).
 
 Example:
     >>> reads = read_resid_post(model, ["The cat sat .", "Hello there"], layers=[3, 7])
@@ -11,7 +12,6 @@ Example:
     torch.Size([2, 640])
 """
 
-import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -21,8 +21,9 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from contrans_tl.forward import forward_until, padded_batches
 from contrans_tl.sites import check_context, check_layers, model_device, resid_post_name
-from contrans_tl.tokens import Encoding, encode, pad_left, pad_token_id, word_end_positions
+from contrans_tl.tokens import Encoding, encode, pad_token_id, word_end_positions
 
 __all__ = [
     "Positions",
@@ -35,10 +36,6 @@ __all__ = [
 
 Positions = Literal["last", "all", "word_ends"]
 _POSITIONS = ("last", "all", "word_ends")
-
-
-class _StopForward(Exception):
-    """Raised by the deepest capture hook: everything needed has been read."""
 
 
 @dataclass
@@ -82,25 +79,6 @@ def select_positions(enc: Encoding, positions: Positions) -> tuple[list[int], li
     raise ValueError(f"positions must be one of {_POSITIONS}, got {positions!r}")
 
 
-def forward_until(
-    model: Any,
-    ids: Int[Tensor, "batch pos"],
-    mask: Tensor,
-    hooks: list[tuple[str, Callable[..., Any]]],
-) -> None:
-    """Run ``model`` on a padded batch with ``hooks``, letting a hook stop it early.
-
-    Hooks may raise :class:`_StopForward` once they have what they need; the hooks are
-    removed whatever happens. A ``TransformerBridge`` is told ``use_cache=False``: its
-    Hugging Face model would otherwise build a KV cache (keys and values of every layer,
-    kept for the whole pass) that a read never uses.
-    """
-    device = model_device(model)
-    extra: dict[str, Any] = {"use_cache": False} if hasattr(model, "original_model") else {}
-    with model.hooks(fwd_hooks=hooks), contextlib.suppress(_StopForward):
-        model(ids.to(device), attention_mask=mask.to(device).long(), return_type=None, **extra)
-
-
 Capture = Callable[[list[int], int, Tensor], None]
 
 
@@ -140,44 +118,40 @@ def _forward_batches(
         what="text",
         hint="pass max_length (at most that) to truncate texts; their end is lost",
     )
-    order = sorted(range(len(encodings)), key=lambda i: -len(encodings[i]))
     pad = pad_token_id(model.tokenizer, model.cfg.d_vocab)
     device = model_device(model)
+    stop = resid_post_name(deepest)
     show = len(encodings) > 256 if progress is None else progress
     bar = tqdm(total=len(encodings), desc=desc, disable=not show, leave=False)
     try:
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            ids, mask = pad_left([encodings[i].ids for i in idx], pad)
-            width = ids.shape[1]
-            rows: list[int] = []
-            cols: list[int] = []
-            counts: list[int] = []
-            for r, i in enumerate(idx):
-                shift = width - len(encodings[i])
-                rows.extend([r] * len(positions[i]))
-                cols.extend(p + shift for p in positions[i])
-                counts.append(len(positions[i]))
+        for batch in padded_batches([e.ids for e in encodings], batch_size, pad):
+            idx = batch.index
+            rows = [r for r, i in enumerate(idx) for _ in positions[i]]
+            cols = [p + batch.offsets[r] for r, i in enumerate(idx) for p in positions[i]]
+            counts = [len(positions[i]) for i in idx]
             if rows:
                 row_t = torch.tensor(rows, dtype=torch.long, device=device)
                 col_t = torch.tensor(cols, dtype=torch.long, device=device)
-
-                def make_hook(
-                    layer: int, idx_: list[int], rows_: Tensor, cols_: Tensor
-                ) -> Callable[..., None]:
-                    def hook(resid: Tensor, *, hook: Any) -> None:
-                        capture(idx_, layer, resid[rows_, cols_].detach())
-                        if layer == deepest:
-                            raise _StopForward
-
-                    return hook
-
-                hooks = [(resid_post_name(k), make_hook(k, idx, row_t, col_t)) for k in layer_list]
-                forward_until(model, ids, mask, hooks)
+                hooks = [
+                    (resid_post_name(k), _capture_hook(capture, k, idx, row_t, col_t))
+                    for k in layer_list
+                ]
+                forward_until(model, batch.ids, batch.mask, hooks, stop_after=stop)
             yield idx, counts
             bar.update(len(idx))
     finally:
         bar.close()
+
+
+def _capture_hook(
+    capture: Capture, layer: int, idx: list[int], rows: Tensor, cols: Tensor
+) -> Callable[..., None]:
+    """A hook handing ``capture`` the states of the batch's texts at their positions."""
+
+    def hook(resid: Tensor, *, hook: Any) -> None:
+        capture(idx, layer, resid[rows, cols].detach())
+
+    return hook
 
 
 def iter_resid_post(

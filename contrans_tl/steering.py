@@ -30,9 +30,10 @@ from jaxtyping import Float
 from torch import Tensor
 
 from contrans_tl.concepts import ConceptVector, check_fits_model
+from contrans_tl.forward import Forward, padded_batches
 from contrans_tl.models import model_provenance
 from contrans_tl.sites import check_layers, context_length, model_device, resid_post_name
-from contrans_tl.tokens import check_texts, pad_left, pad_token_id
+from contrans_tl.tokens import check_texts, pad_token_id
 
 __all__ = [
     "StepPositions",
@@ -191,6 +192,9 @@ class Steering:
         additions: dict[int, Tensor],
         positions: StepPositions = "all",
         state: PositionState | None = None,
+        *,
+        name: str = "steering",
+        spec: dict[str, Any] | None = None,
     ) -> None:
         if positions not in _POSITIONS:
             raise ValueError(f"positions must be one of {_POSITIONS}, got {positions!r}")
@@ -198,8 +202,21 @@ class Steering:
         self.additions = additions
         self.positions: StepPositions = positions
         self.state = state if state is not None else PositionState()
-        self._handles: list[tuple[Any, Any]] = []
+        self.name = name
+        self.spec = dict(spec or {})
+        self._hook_context: Any = None
         self._depth = 0
+
+    def describe(self) -> dict[str, Any]:
+        """What this steering adds, for results: concepts, strengths, layers, positions."""
+        return {
+            "name": self.name,
+            "kind": "Steering",
+            "positions": self.positions,
+            "layers": sorted(self.additions),
+            "addition_norms": {str(k): float(d.norm()) for k, d in sorted(self.additions.items())},
+            **self.spec,
+        }
 
     def hooks(self) -> list[tuple[str, Callable[..., Tensor]]]:
         """``[(hook_name, fn), ...]`` for ``model.run_with_hooks(fwd_hooks=...)``."""
@@ -225,16 +242,15 @@ class Steering:
             )
 
     def attach(self) -> "Steering":
-        """Add the hooks to the model, or count one more user if they are on already."""
+        """Add the hooks to the model, or count one more user if they are on already.
+
+        The hooks go on through TransformerLens's own ``model.hooks(fwd_hooks=...)``
+        context, which removes exactly the hooks it added when it is left.
+        """
         if self._depth == 0:
-            try:
-                for name, fn in self.hooks():
-                    point = self.model.hook_dict[name]
-                    handle = point.add_hook(fn, dir="fwd")
-                    self._handles.append((point, handle))
-            except BaseException:
-                self._remove_handles()
-                raise
+            context = self.model.hooks(fwd_hooks=self.hooks())
+            context.__enter__()
+            self._hook_context = context
         self._depth += 1
         return self
 
@@ -247,15 +263,8 @@ class Steering:
             return
         self._depth -= 1
         if self._depth == 0:
-            self._remove_handles()
-
-    def _remove_handles(self) -> None:
-        while self._handles:
-            point, handle = self._handles.pop()
-            if handle is None:
-                continue
-            handle.hook.remove()
-            point.fwd_hooks[:] = [h for h in point.fwd_hooks if h is not handle]
+            context, self._hook_context = self._hook_context, None
+            context.__exit__(None, None, None)
 
     @property
     def attached(self) -> bool:
@@ -308,6 +317,7 @@ def make_steering(
     positions: StepPositions = "all",
     scale: Scale = "raw",
     strict: bool = True,
+    name: str | None = None,
 ) -> Steering:
     """Prepare the addition of ``α · v`` at each steered layer (not attached yet).
 
@@ -322,6 +332,7 @@ def make_steering(
             ``α · ‖h_k‖ · v / ‖v‖``, with ``‖h_k‖`` the mean residual norm of layer ``k``
             stored with the vector, so ``α = 0.1`` is a nudge of a tenth of the stream.
         strict: refuse vectors whose model id or weight processing differ from the model's.
+        name: label for results tables (default: the concept names, ``+``-joined).
 
     Raises:
         TypeError: ``alpha`` is not a real number (or a list of them), e.g. a string or
@@ -375,17 +386,26 @@ def make_steering(
                     "after it was made?); steer only with finite vectors"
                 )
             additions[k] = additions.get(k, torch.zeros_like(row)) + a * row
-    return Steering(model, additions, positions)
+    spec = {
+        "concepts": [v.concept for v in vecs],
+        "vector_methods": [v.method for v in vecs],
+        "alphas": alphas,
+        "scale": scale,
+        "vector_models": [v.model.get("model_id") for v in vecs],
+    }
+    label = name if name is not None else "+".join(v.concept for v in vecs)
+    return Steering(model, additions, positions, name=label, spec=spec)
 
 
 @contextmanager
 def steering_session(steering: "Steering | None", model: Any) -> Iterator[PositionState]:
     """Attach ``steering`` to ``model`` for a block and yield its state.
 
-    Evaluation loops set ``offset``/``attention_mask``/``prompt_length`` on the yielded
-    :class:`PositionState`; it is reset afterwards. Attaching is counted, so a steering
-    the caller had attached stays attached, and one that was not is removed again.
-    ``None`` yields a fresh state.
+    :class:`contrans_tl.forward.Forward` (the one forward loop) sets ``offset`` /
+    ``attention_mask`` / ``prompt_length`` on the yielded :class:`PositionState` before
+    each pass; evaluations use it rather than this. The state is reset afterwards.
+    Attaching is counted, so a steering the caller had attached stays attached, and one
+    that was not is removed again. ``None`` yields a fresh state.
 
     Raises:
         ValueError: ``steering`` was made for another model than ``model``.
@@ -472,36 +492,11 @@ def generate(
     if steering is not None:
         steering.check_model(model)
 
-    def start_batch(ids: Tensor, mask: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
-        prompt_len = ids.shape[1]
-        cache: Any = None
-
-        def step(ids: Tensor, mask: Tensor) -> Tensor:
-            nonlocal cache
-            state.prompt_length, state.attention_mask = prompt_len, mask
-            if use_cache and cache is not None:
-                state.offset = ids.shape[1] - 1
-                logits, cache = model(
-                    ids[:, -1:],
-                    attention_mask=mask,
-                    past_key_values=cache,
-                    return_type="logits_and_cache",
-                )
-            elif use_cache:
-                state.offset = 0
-                logits, cache = model(ids, attention_mask=mask, return_type="logits_and_cache")
-            else:
-                state.offset = 0
-                logits = model(ids, attention_mask=mask)
-            return logits[:, -1]
-
-        return step
-
-    with steering_session(steering, model) as state:
+    with Forward(model, steering) as fwd:
         return greedy_decode(
             model.tokenizer,
             prompts,
-            start_batch,
+            lambda ids, mask: fwd.decoder(ids.shape[1], use_cache=use_cache),
             max_new_tokens=max_new_tokens,
             batch_size=batch_size,
             stop_at_eos=stop_at_eos,
@@ -549,12 +544,9 @@ def greedy_decode(
                 f"but the model takes at most {n_ctx} (cfg.n_ctx). Shorten the prompt or "
                 "lower max_new_tokens"
             )
-    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     results: list[list[int]] = [[] for _ in prompts]
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        ids, mask = pad_left([encoded[i] for i in idx], pad)
-        ids, mask = ids.to(device), mask.long().to(device)
+    for batch in padded_batches(encoded, batch_size, pad, device=device):
+        idx, ids, mask = batch.index, batch.ids, batch.mask
         step = start_batch(ids, mask)
         done = torch.zeros(len(idx), dtype=torch.bool, device=device)
         new: list[Tensor] = []

@@ -134,3 +134,32 @@ def test_instruction_and_base():
     with pytest.raises(ValueError, match="needs some text"):
         Instruction(model, "  ")
     assert describe(None) == {"name": "base"}
+
+
+def test_steering_is_an_intervention_and_stacks_with_a_swap(small_llama, donor, ids):
+    from contrans_tl.concepts import ConceptVector
+    from contrans_tl.models import model_provenance
+    from contrans_tl.steering import make_steering
+
+    n, d = small_llama.cfg.n_layers, small_llama.cfg.d_model
+    v = ConceptVector(
+        torch.randn(n, d, generator=torch.Generator().manual_seed(0)),
+        tuple(range(n)),
+        model_provenance(small_llama).to_dict(),
+        "fear",
+    )
+    steering = make_steering(small_llama, v, 2.0, layers=[0, 2])
+    assert isinstance(steering, Intervention) and steering.name == "fear"
+    d_ = steering.describe()
+    assert d_["concepts"] == ["fear"] and d_["alphas"] == [2.0] and d_["layers"] == [0, 2]
+    assert d_["addition_norms"]["0"] == pytest.approx(2.0 * float(v[0].norm()))
+    swap = WeightSwap(small_llama, donor_weights(donor, [GATE]), name="dapa")
+    with swap, steering:
+        want = small_llama(ids)
+    snap = _snapshot(small_llama)
+    with Stack([swap, steering]) as both:
+        got = small_llama(ids)
+        assert both.name == "dapa+fear"
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    _assert_bit_equal(small_llama, snap)
+    assert not steering.attached

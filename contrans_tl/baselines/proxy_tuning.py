@@ -50,9 +50,10 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from contrans_tl.forward import Forward, padded_batches
 from contrans_tl.sites import context_length, model_device
 from contrans_tl.steering import greedy_decode
-from contrans_tl.tokens import check_texts, pad_left, pad_token_id
+from contrans_tl.tokens import check_texts, pad_token_id
 
 __all__ = [
     "proxy_logits",
@@ -242,20 +243,11 @@ def proxy_generate(
     devices = [model_device(m) for m in models]
 
     def start_batch(ids: Tensor, mask: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
-        caches: list[Any] = [None, None, None]
+        # one KV-cached decoder per model: the prompt once, then only the new token
+        steps = [Forward(model).decoder(ids.shape[1]) for model in models]
 
         def step(ids: Tensor, mask: Tensor) -> Tensor:
-            last: list[Tensor] = []
-            for j, (model, dev) in enumerate(zip(models, devices)):
-                fed = ids if caches[j] is None else ids[:, -1:]
-                kwargs = {} if caches[j] is None else {"past_key_values": caches[j]}
-                logits, caches[j] = model(
-                    fed.to(dev),
-                    attention_mask=mask.to(dev),
-                    return_type="logits_and_cache",
-                    **kwargs,
-                )
-                last.append(logits[:, -1].to(devices[0]))
+            last = [next_logits(ids, mask).to(devices[0]) for next_logits in steps]
             return proxy_logits(last[0], last[1], last[2], beta=beta)
 
         return step
@@ -349,14 +341,10 @@ def proxy_sequence_logprobs(
             raise ValueError(f"pair {i} holds token ids outside [0, {d_vocab}): {bad[:5]}")
     tok = strong.tokenizer
     pad = pad_token_id(tok, d_vocab)
-    devices = [model_device(m) for m in models]
-    out_device = devices[0]
-    order = sorted(range(len(pairs)), key=lambda i: -sum(map(len, pairs[i])))
+    out_device = model_device(strong)
     results = [0.0] * len(pairs)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        seqs = [pairs[i][0] + pairs[i][1] for i in idx]
-        ids, mask = pad_left(seqs, pad)
+    for batch in padded_batches([c + x for c, x in pairs], batch_size, pad):
+        idx, ids, mask = batch.index, batch.ids, batch.mask
         width = ids.shape[1]
         # Row r predicts its continuation from positions [first[r], width - 1).
         n_cont = [len(pairs[i][1]) for i in idx]
@@ -365,8 +353,8 @@ def proxy_sequence_logprobs(
         # window); rows with shorter continuations ignore the window's left part.
         pos = torch.arange(width - 1 - longest, width - 1)
         logits = []
-        for model, dev in zip(models, devices):
-            out = model(ids.to(dev), attention_mask=mask.long().to(dev))
+        for model in models:
+            out = Forward(model).run(ids, mask)
             logits.append(out[:, pos].to(out_device))
         logp = torch.log_softmax(proxy_logits(*logits, beta=beta), dim=-1)
         targets = ids[:, width - longest :].to(out_device)

@@ -24,8 +24,6 @@ Example:
     >>> preds = task.predict(target, task.queries_for("fear"), steering=None)
 """
 
-import contextlib
-import copy
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -34,10 +32,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from contrans_tl.activations import _StopForward
 from contrans_tl.data import EMOTIONS
+from contrans_tl.forward import Forward, padded_batches, prefill_cache, repeat_cache
 from contrans_tl.sites import check_context, model_device
-from contrans_tl.steering import Steering, steering_session
+from contrans_tl.steering import Steering
 from contrans_tl.tokens import pad_token_id
 
 __all__ = [
@@ -175,50 +173,6 @@ def score(pred: Predictions, emotion: str, emotion_ids: Sequence[int]) -> dict[s
     return {"token_acc": tok, "logit_acc": logit, "n": n}
 
 
-def _logits_at(model: Any, ids: Tensor, mask: Tensor, last: Tensor, **kwargs: Any) -> Tensor:
-    """Logits at one position per row, unembedding only those rows.
-
-    The forward pass stops at the final norm (``ln_final.hook_out``); the unembedding is
-    applied to the selected rows only. A final logit soft-cap, where a model has one, is
-    monotone and does not change which token or emotion wins.
-    """
-    rows = torch.arange(ids.shape[0], device=ids.device)
-    if "ln_final.hook_out" not in model.hook_dict:
-        return model(ids, attention_mask=mask, **kwargs)[rows, last].float()
-    got: dict[str, Tensor] = {}
-
-    def grab(x: Tensor, *, hook: Any) -> None:
-        got["h"] = x[rows, last]
-        raise _StopForward
-
-    with model.hooks(fwd_hooks=[("ln_final.hook_out", grab)]), contextlib.suppress(_StopForward):
-        model(ids, attention_mask=mask, return_type=None, **kwargs)
-    return model.unembed(got["h"][:, None, :])[:, 0].float()
-
-
-def prefill_cache(model: Any, ids: Tensor, attention_mask: Tensor | None = None) -> Any:
-    """The KV cache of ``ids`` without computing any logits.
-
-    An empty Hugging Face ``DynamicCache`` is filled in place by the forward pass, which
-    stops at the final norm: the unembedding (262k columns for Gemma) never runs.
-    ``attention_mask`` (``[batch, pos]``, 0 at padding) is needed for left-padded rows.
-    """
-    from transformers import DynamicCache
-
-    kwargs: dict[str, Any] = {} if attention_mask is None else {"attention_mask": attention_mask}
-    hf_config = getattr(getattr(model, "original_model", None), "config", None)
-    if hf_config is None or "ln_final.hook_out" not in model.hook_dict:
-        return model(ids, return_type="logits_and_cache", **kwargs)[1]
-    cache = DynamicCache(config=hf_config)
-
-    def stop(x: Tensor, *, hook: Any) -> None:
-        raise _StopForward
-
-    with model.hooks(fwd_hooks=[("ln_final.hook_out", stop)]), contextlib.suppress(_StopForward):
-        model(ids, past_key_values=cache, return_type=None, **kwargs)
-    return cache
-
-
 @dataclass
 class EmotionTask:
     """The few-shot prefix and emotion tokens of one model's tokenizer.
@@ -285,6 +239,10 @@ class EmotionTask:
     ) -> Predictions:
         """Greedy next token and the six emotion logits after prefix + each query.
 
+        Only the last position of each query is unembedded, with the model's output
+        transform (a final logit soft-cap where the model has one), so the emotion logits
+        are the model's own logits there (:func:`contrans_tl.forward.logits_at`).
+
         Args:
             model: the TransformerLens model.
             queries: token ids from :meth:`query_ids`.
@@ -294,7 +252,6 @@ class EmotionTask:
                 runs prefix + query for every query (the reference the fast path must match).
         """
         dev = model_device(model)
-        order = sorted(range(len(queries)), key=lambda i: -len(queries[i]))
         top = torch.empty(len(queries), dtype=torch.long)
         emo = torch.empty(len(queries), len(EMOTIONS))
         emo_idx = torch.tensor(self.emotion_ids, device=dev)
@@ -306,36 +263,24 @@ class EmotionTask:
             what="query (few-shot prefix + query)",
             hint="use fewer few-shot examples (n_fewshot) or shorter scenarios",
         )
-        with steering_session(steering, model) as state:
-            cache = None
-            if reuse_prefix:
-                state.reset()
-                cache = prefill_cache(model, torch.tensor([self.prefix_ids], device=dev))
-            for start in range(0, len(order), batch_size):
-                idx = order[start : start + batch_size]
-                width = max(len(queries[i]) for i in idx)
-                ids = torch.full((len(idx), width), pad, dtype=torch.long)
-                qmask = torch.zeros((len(idx), width), dtype=torch.long)
-                for r, i in enumerate(idx):
-                    ids[r, : len(queries[i])] = torch.tensor(list(queries[i]))
-                    qmask[r, : len(queries[i])] = 1
-                mask = torch.cat([torch.ones(len(idx), p, dtype=torch.long), qmask], 1).to(dev)
-                ids = ids.to(dev)
-                state.attention_mask = mask
-                if reuse_prefix:
-                    assert cache is not None
-                    c = copy.deepcopy(cache)
-                    c.batch_repeat_interleave(len(idx))
-                    state.offset = p
-                    last = torch.tensor([len(queries[i]) - 1 for i in idx], device=dev)
-                    final = _logits_at(model, ids, mask, last, past_key_values=c)
-                else:
-                    full = torch.cat(
-                        [torch.tensor([self.prefix_ids] * len(idx), device=dev), ids], 1
+        prefix = torch.tensor([self.prefix_ids], device=dev)
+        with Forward(model, steering) as fwd:
+            cache = fwd.prefill(prefix) if reuse_prefix else None
+            # queries right-padded behind the prefix: their positions follow it directly
+            for batch in padded_batches(queries, batch_size, pad, side="right", device=dev):
+                n = len(batch.index)
+                mask = torch.cat([torch.ones(n, p, dtype=torch.long, device=dev), batch.mask], 1)
+                last = torch.zeros_like(batch.mask, dtype=torch.bool)
+                last[torch.arange(n), torch.tensor(batch.lengths) - 1] = True
+                if cache is not None:
+                    rows = torch.zeros(n, dtype=torch.long, device=dev)
+                    final = fwd.logits_at(
+                        batch.ids, mask, last, offset=p, past_key_values=repeat_cache(cache, rows)
                     )
-                    state.offset = 0
-                    last = torch.tensor([p + len(queries[i]) - 1 for i in idx], device=dev)
-                    final = _logits_at(model, full, mask, last)
-                top[idx] = final.argmax(-1).cpu()
-                emo[idx] = final[:, emo_idx].cpu()
+                else:
+                    full = torch.cat([prefix.expand(n, p), batch.ids], 1)
+                    at = torch.cat([torch.zeros(n, p, dtype=torch.bool, device=dev), last], 1)
+                    final = fwd.logits_at(full, mask, at)
+                top[batch.index] = final.argmax(-1).cpu()
+                emo[batch.index] = final[:, emo_idx].cpu()
         return Predictions(top_token=top, emotion_logits=emo)

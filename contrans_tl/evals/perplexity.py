@@ -15,12 +15,12 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from contrans_tl.data import wikisplit_sentences
+from contrans_tl.forward import Forward, padded_batches
 from contrans_tl.sites import check_context, model_device
-from contrans_tl.steering import Steering, steering_session
-from contrans_tl.tokens import check_texts, pad_left, pad_token_id
+from contrans_tl.steering import Steering
+from contrans_tl.tokens import check_texts, pad_token_id
 
 __all__ = ["perplexity", "heldout_wikisplit"]
 
@@ -41,7 +41,8 @@ def perplexity(
     each text is predicted (so a BOS is never predicted, and without a BOS the first
     word is not either); ``ppl = exp(nll_sum / n_tokens)`` over all texts together.
     Texts are batched by length with left padding; padding is masked out of attention
-    and of the loss.
+    and of the loss, and only the predicting positions are unembedded
+    (:func:`contrans_tl.forward.token_logprobs`).
 
     Args:
         model: the TransformerLens model (``TransformerBridge``) with a tokenizer.
@@ -92,20 +93,16 @@ def perplexity(
     pad = pad_token_id(tok, model.cfg.d_vocab)
     nll = [0.0] * len(texts)
     counts = [max(len(e) - 1, 0) for e in encoded]
-    order = sorted((i for i in range(len(texts)) if counts[i] > 0), key=lambda i: -len(encoded[i]))
-    with steering_session(steering, model) as state:
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            ids, mask = pad_left([encoded[i] for i in idx], pad)
-            ids, mask = ids.to(dev), mask.long().to(dev)
-            state.offset, state.prompt_length, state.attention_mask = 0, None, mask
-            logits: Tensor = model(ids, attention_mask=mask)
-            width = ids.shape[1]
-            for r, i in enumerate(idx):
-                first = width - len(encoded[i])  # first real position (left padding)
-                lp = torch.log_softmax(logits[r, first : width - 1].float(), dim=-1)
-                target = ids[r, first + 1 : width]
-                nll[i] = -float(lp.gather(-1, target[:, None])[:, 0].double().sum())
+    kept = [i for i in range(len(texts)) if counts[i] > 0]
+    with Forward(model, steering) as fwd:
+        for batch in padded_batches([encoded[i] for i in kept], batch_size, pad, device=dev):
+            # every real position but the last predicts the token after it
+            at = batch.mask.bool()
+            at[:, -1] = False
+            lp = fwd.token_logprobs(batch.ids, batch.mask, at, batch.ids.roll(-1, dims=1))
+            per_row = lp.double().cpu().split([n - 1 for n in batch.lengths])
+            for j, row in zip(batch.index, per_row):
+                nll[kept[j]] = -float(row.sum())
     total = sum(nll)
     n_tokens = sum(counts)
     return {

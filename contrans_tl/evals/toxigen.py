@@ -30,7 +30,12 @@ from typing import Any
 
 from contrans_tl.data import data_dir
 from contrans_tl.evals.toxicity import ToxicityClassifier, ToxigenExample, toxigen_annotated
-from contrans_tl.evals.truthfulqa import _render_user_turn, _tokenizer, answer_separator, uses_chat
+from contrans_tl.evals.truthfulqa import (
+    answer_separator,
+    render_user_turn,
+    tokenizer_of,
+    uses_chat,
+)
 from contrans_tl.steering import Steering, generate
 
 __all__ = [
@@ -138,8 +143,8 @@ def fairness_examples(
 
 
 def _chat_head(model_or_tokenizer: Any, instruction: str) -> str:
-    tok = _tokenizer(model_or_tokenizer)
-    return _render_user_turn(tok, instruction)
+    tok = tokenizer_of(model_or_tokenizer)
+    return render_user_turn(tok, instruction)
 
 
 def fairness_prompts(

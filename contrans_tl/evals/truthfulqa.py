@@ -53,12 +53,10 @@ Example:
     0.28
 """
 
-import contextlib
-import copy
 import json
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -68,11 +66,10 @@ from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from contrans_tl.activations import _StopForward
 from contrans_tl.data import data_dir
-from contrans_tl.evals.emotion import prefill_cache
+from contrans_tl.forward import Forward, padded_batches, repeat_cache
 from contrans_tl.sites import check_context, model_device
-from contrans_tl.steering import Steering, steering_session
+from contrans_tl.steering import Steering
 from contrans_tl.tokens import pad_token_id
 
 __all__ = [
@@ -85,6 +82,8 @@ __all__ = [
     "EncodedChoices",
     "load_truthfulqa",
     "uses_chat",
+    "tokenizer_of",
+    "render_user_turn",
     "format_question",
     "answer_separator",
     "encode_choices",
@@ -223,7 +222,16 @@ def load_truthfulqa(path: str | Path | None = None) -> list[MCQuestion]:
     return out
 
 
-def _tokenizer(model_or_tokenizer: Any) -> Any:
+def tokenizer_of(model_or_tokenizer: Any) -> Any:
+    """The tokenizer of a model (its ``.tokenizer``), or the tokenizer itself.
+
+    Raises:
+        TypeError: neither a model with a tokenizer nor a Hugging Face tokenizer.
+
+    Example:
+        >>> tokenizer_of(model) is model.tokenizer
+        True
+    """
     tok = getattr(model_or_tokenizer, "tokenizer", None)
     if tok is not None:
         return tok
@@ -254,7 +262,7 @@ def uses_chat(model_or_tokenizer: Any, chat: bool | None = None) -> bool:
     Raises:
         ValueError: ``chat=True`` but the tokenizer has no chat template.
     """
-    tok = _tokenizer(model_or_tokenizer)
+    tok = tokenizer_of(model_or_tokenizer)
     has = bool(getattr(tok, "chat_template", None))
     if chat is None:
         return has
@@ -266,7 +274,19 @@ def uses_chat(model_or_tokenizer: Any, chat: bool | None = None) -> bool:
     return bool(chat)
 
 
-def _render_user_turn(tok: Any, user: str) -> str:
+def render_user_turn(tok: Any, user: str) -> str:
+    """The chat template with one user message and the generation prompt, as text.
+
+    The template's leading BOS text is removed where the tokenizer adds a BOS itself, so
+    tokenizing the result gives one BOS.
+
+    Raises:
+        TypeError: the template does not render to a string.
+
+    Example:
+        >>> render_user_turn(llama2_tokenizer, "Is it?")
+        '[INST] Is it? [/INST]'
+    """
     text = tok.apply_chat_template(
         [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
     )
@@ -310,10 +330,10 @@ def format_question(
     """
     if not question.strip():
         raise ValueError("question is empty")
-    tok = _tokenizer(model_or_tokenizer)
+    tok = tokenizer_of(model_or_tokenizer)
     inst = instruction.strip() if instruction is not None else ""
     if uses_chat(tok, chat):
-        return _render_user_turn(tok, f"{inst} {question}" if inst else question)
+        return render_user_turn(tok, f"{inst} {question}" if inst else question)
     if inst:
         return PLAIN_INSTRUCTION_TEMPLATE.format(instruction=inst, question=question)
     return PLAIN_TEMPLATE.format(question=question)
@@ -332,7 +352,7 @@ def answer_separator(model_or_tokenizer: Any, *, chat: bool | None = None) -> st
         >>> answer_separator(tokenizer, chat=False)
         ' '
     """
-    tok = _tokenizer(model_or_tokenizer)
+    tok = tokenizer_of(model_or_tokenizer)
     if not uses_chat(tok, chat):
         return " "
     user = [{"role": "user", "content": "Question?"}]
@@ -394,7 +414,7 @@ def encode_choices(
     """
     if isinstance(choices, str):
         raise TypeError("choices must be a list of answers, got one str; wrap it in a list")
-    tok = _tokenizer(model_or_tokenizer)
+    tok = tokenizer_of(model_or_tokenizer)
     ctx = _encode(tok, context)
     if not ctx:
         raise ValueError(f"context {context[:60]!r} has no tokens")
@@ -436,10 +456,6 @@ ChoiceItem = (
 # across the group, fill the choice passes with little padding.
 _CHOICE_PASSES_PER_GROUP = 4
 
-# Valid answer positions unembedded per matrix product (bounds the log-softmax's memory
-# to this many rows of d_vocab floats).
-_UNEMBED_ROWS = 256
-
 
 def score_choices(
     model: Any,
@@ -477,6 +493,47 @@ def score_choices(
 
 def _as_ids(x: Sequence[int] | Tensor) -> list[int]:
     return [int(i) for i in (x.tolist() if isinstance(x, Tensor) else x)]
+
+
+Parsed = list[tuple[list[int], list[list[int]]]]
+
+
+def _parse_items(items: Sequence[ChoiceItem]) -> Parsed:
+    """``(context_ids, choice_ids)`` lists of each item; empty ones refused by item."""
+    parsed: Parsed = []
+    for n, item in enumerate(items):
+        ctx_raw: Sequence[int] | Tensor
+        choices_raw: Sequence[Sequence[int]]
+        if isinstance(item, EncodedChoices):
+            ctx_raw, choices_raw = item.context_ids, item.choice_ids
+        else:
+            ctx_raw, choices_raw = item
+        ctx = _as_ids(ctx_raw)
+        choices = [_as_ids(c) for c in choices_raw]
+        where = "" if len(items) == 1 else f"item {n}: "
+        if not ctx:
+            raise ValueError(f"{where}context_ids is empty; the first answer token needs a context")
+        empty = [i for i, c in enumerate(choices) if not c]
+        if empty:
+            raise ValueError(f"{where}choices {empty} have no tokens; every choice needs one")
+        parsed.append((ctx, choices))
+    return parsed
+
+
+def _prefix_groups(parsed: Parsed, capacity: int) -> Iterator[list[int]]:
+    """Questions longest context first, packed into groups of at most ``capacity`` choices
+    (a question with more choices than that is a group of its own)."""
+    order = sorted(range(len(parsed)), key=lambda q: (-len(parsed[q][0]), q))
+    group: list[int] = []
+    n_choices = 0
+    for q in order:
+        if group and n_choices + len(parsed[q][1]) > capacity:
+            yield group
+            group, n_choices = [], 0
+        group.append(q)
+        n_choices += len(parsed[q][1])
+    if group:
+        yield group
 
 
 @torch.no_grad()
@@ -526,23 +583,7 @@ def score_many(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    parsed: list[tuple[list[int], list[list[int]]]] = []
-    for n, item in enumerate(items):
-        ctx_raw: Sequence[int] | Tensor
-        choices_raw: Sequence[Sequence[int]]
-        if isinstance(item, EncodedChoices):
-            ctx_raw, choices_raw = item.context_ids, item.choice_ids
-        else:
-            ctx_raw, choices_raw = item
-        ctx = _as_ids(ctx_raw)
-        choices = [_as_ids(c) for c in choices_raw]
-        where = "" if len(items) == 1 else f"item {n}: "
-        if not ctx:
-            raise ValueError(f"{where}context_ids is empty; the first answer token needs a context")
-        empty = [i for i, c in enumerate(choices) if not c]
-        if empty:
-            raise ValueError(f"{where}choices {empty} have no tokens; every choice needs one")
-        parsed.append((ctx, choices))
+    parsed = _parse_items(items)
     check_context(
         model,
         [len(c) + max(len(x) for x in ch) for c, ch in parsed],
@@ -551,165 +592,81 @@ def score_many(
     )
     scores: list[list[float]] = [[0.0] * len(c) for _, c in parsed]
     done = 0
-    with steering_session(steering, model) as state:
+    with Forward(model, steering) as fwd:
         if not reuse_prefix:
             for q, (ctx, choices) in enumerate(parsed):
-                _score_unshared(model, state, ctx, choices, batch_size, scores[q])
+                _score_unshared(fwd, ctx, choices, batch_size, scores[q])
                 done += 1
                 if progress is not None:
                     progress(done)
             return scores
-        order = sorted(range(len(parsed)), key=lambda q: (-len(parsed[q][0]), q))
-        capacity = batch_size * _CHOICE_PASSES_PER_GROUP
-        group: list[int] = []
-        n_choices = 0
-        for q in order + [-1]:
-            if group and (q < 0 or n_choices + len(parsed[q][1]) > capacity):
-                got = _score_group(model, state, [parsed[g] for g in group], batch_size)
-                for g, row in zip(group, got):
-                    scores[g] = row
-                done += len(group)
-                if progress is not None:
-                    progress(done)
-                group, n_choices = [], 0
-            if q >= 0:
-                group.append(q)
-                n_choices += len(parsed[q][1])
+        for group in _prefix_groups(parsed, batch_size * _CHOICE_PASSES_PER_GROUP):
+            got = _score_group(fwd, [parsed[g] for g in group], batch_size)
+            for g, row in zip(group, got):
+                scores[g] = row
+            done += len(group)
+            if progress is not None:
+                progress(done)
     return scores
 
 
-def _cache_rows(cache: Any, rows: Tensor) -> Any:
-    """A cache holding ``rows`` of ``cache``'s batch (repeats allowed); ``cache`` is kept."""
-    layers = getattr(cache, "layers", None)
-    if layers is None:
-        out = copy.deepcopy(cache)
-        out.batch_select_indices(rows)
-        return out
-    out = copy.copy(cache)
-    out.layers = [copy.copy(layer) for layer in layers]
-    for layer in out.layers:
-        # reassigns keys/values to new tensors; the shared originals are untouched,
-        # and later updates concatenate into new tensors too
-        layer.batch_select_indices(rows)
-    return out
-
-
-def _head_logits(model: Any, h: Tensor) -> Tensor:
-    """The model's logits from final-normed states: unembedding + its output transform."""
-    logits = model.unembed(h)
-    transform = getattr(getattr(model, "adapter", None), "apply_output_logits_transform", None)
-    return transform(logits) if transform is not None else logits
-
-
-def _answer_logprobs(
-    model: Any, fed: Tensor, mask: Tensor, valid: Tensor, targets: Tensor, **kwargs: Any
-) -> Tensor:
-    """log p(target) at each valid (row-major) position of ``fed``; only those are unembedded."""
-    if "ln_final.hook_out" in model.hook_dict:
-        got: dict[str, Tensor] = {}
-
-        def grab(x: Tensor, *, hook: Any) -> None:
-            got["h"] = x[valid]
-            raise _StopForward
-
-        with (
-            model.hooks(fwd_hooks=[("ln_final.hook_out", grab)]),
-            contextlib.suppress(_StopForward),
-        ):
-            model(fed, attention_mask=mask, return_type=None, **kwargs)
-        states = got["h"]
-        t = targets[valid]
-        parts = []
-        for lo in range(0, states.shape[0], _UNEMBED_ROWS):
-            logits = _head_logits(model, states[None, lo : lo + _UNEMBED_ROWS])[0].float()
-            lp = torch.log_softmax(logits, dim=-1)
-            parts.append(lp.gather(-1, t[lo : lo + _UNEMBED_ROWS, None].to(lp.device))[:, 0])
-        return torch.cat(parts)
-    logits = model(fed, attention_mask=mask, **kwargs)[valid].float()
-    lp = torch.log_softmax(logits, dim=-1)
-    return lp.gather(-1, targets[valid][:, None].to(lp.device))[:, 0]
-
-
 def _score_group(
-    model: Any,
-    state: Any,
-    group: Sequence[tuple[list[int], list[list[int]]]],
-    batch_size: int,
+    fwd: Forward, group: Sequence[tuple[list[int], list[list[int]]]], batch_size: int
 ) -> list[list[float]]:
     """The fast path for one group of questions (see :func:`score_many`)."""
+    model = fwd.model
     dev = model_device(model)
     pad = pad_token_id(model.tokenizer, model.cfg.d_vocab)
     width_p = max(len(ctx) for ctx, _ in group)  # P: padded context length
-    n_q = len(group)
-    pids = torch.full((n_q, width_p - 1), pad, dtype=torch.long)
-    pmask = torch.zeros((n_q, width_p - 1), dtype=torch.long)
-    for g, (ctx, _) in enumerate(group):
-        if len(ctx) > 1:
-            pids[g, width_p - len(ctx) :] = torch.tensor(ctx[:-1])
-            pmask[g, width_p - len(ctx) :] = 1
+    # the contexts but their last token, left-padded to P - 1 in one batch
+    heads = next(padded_batches([ctx[:-1] for ctx, _ in group], len(group), pad, allow_empty=True))
+    cache_row = {g: r for r, g in enumerate(heads.index)}
     cache = None
-    state.reset()
-    state.prompt_length = width_p  # for the prefill and every choice pass
     if width_p > 1:
-        state.offset, state.attention_mask = 0, pmask.to(dev)
-        cache = prefill_cache(model, pids.to(dev), attention_mask=pmask.to(dev))
+        cache = fwd.prefill(heads.ids, heads.mask, prompt_length=width_p)
+    # position j of a row is fed [last context token, choice[:-1]][j], predicts choice[j]
     rows = [(g, c) for g, (_, choices) in enumerate(group) for c in range(len(choices))]
-    rows.sort(key=lambda r: -len(group[r[0]][1][r[1]]))
+    fed = [[group[g][0][-1]] + group[g][1][c][:-1] for g, c in rows]
     out: list[list[float]] = [[0.0] * len(choices) for _, choices in group]
-    for lo in range(0, len(rows), batch_size):
-        chunk = rows[lo : lo + batch_size]
-        lengths = [len(group[g][1][c]) for g, c in chunk]
-        width = max(lengths)
-        fed = torch.full((len(chunk), width), pad, dtype=torch.long)
-        targets = torch.full((len(chunk), width), pad, dtype=torch.long)
+    for batch in padded_batches(fed, batch_size, pad, side="right"):
+        chunk = [rows[i] for i in batch.index]
+        targets = torch.full_like(batch.ids, pad)
         for r, (g, c) in enumerate(chunk):
-            ctx, choice = group[g][0], group[g][1][c]
-            # position j is fed [last context token, choice[:-1]][j] and predicts choice[j]
-            fed[r, : lengths[r]] = torch.tensor([ctx[-1]] + choice[:-1])
-            targets[r, : lengths[r]] = torch.tensor(choice)
-        valid = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
-        qrows = torch.tensor([g for g, _ in chunk])
-        mask = torch.cat([pmask[qrows], valid.long()], 1).to(dev)
-        state.offset, state.attention_mask = width_p - 1, mask
+            targets[r, : batch.lengths[r]] = torch.tensor(group[g][1][c])
+        qrows = torch.tensor([cache_row[g] for g, _ in chunk])
+        mask = torch.cat([heads.mask[qrows], batch.mask], 1)
         kwargs: dict[str, Any] = {}
         if cache is not None:
-            kwargs["past_key_values"] = _cache_rows(cache, qrows.to(dev))
-        lp = _answer_logprobs(model, fed.to(dev), mask, valid.to(dev), targets.to(dev), **kwargs)
-        sums = torch.split(lp.double().cpu(), lengths)
+            kwargs["past_key_values"] = repeat_cache(cache, qrows.to(dev))
+        lp = fwd.token_logprobs(
+            batch.ids,
+            mask,
+            batch.mask.bool(),
+            targets,
+            offset=width_p - 1,
+            prompt_length=width_p,
+            **kwargs,
+        )
+        sums = torch.split(lp.double().cpu(), batch.lengths)
         for (g, c), s in zip(chunk, sums):
             out[g][c] = float(s.sum())
     return out
 
 
 def _score_unshared(
-    model: Any,
-    state: Any,
-    ctx: list[int],
-    choices: list[list[int]],
-    batch_size: int,
-    out: list[float],
+    fwd: Forward, ctx: list[int], choices: list[list[int]], batch_size: int, out: list[float]
 ) -> None:
     """The reference path: context + choice in full for every choice (one question)."""
-    dev = model_device(model)
+    model = fwd.model
     pad = pad_token_id(model.tokenizer, model.cfg.d_vocab)
     p = len(ctx)
-    order = sorted(range(len(choices)), key=lambda i: -len(choices[i]))
-    state.reset()
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        lengths = [len(choices[i]) for i in idx]
-        width = max(lengths)
-        targets = torch.full((len(idx), width), pad, dtype=torch.long)
-        for r, i in enumerate(idx):
-            targets[r, : lengths[r]] = torch.tensor(choices[i])
-        full = torch.cat([torch.tensor([ctx] * len(idx)), targets], 1)
-        cmask = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).long()
-        mask = torch.cat([torch.ones(len(idx), p, dtype=torch.long), cmask], 1)
-        state.prompt_length = p
-        state.offset, state.attention_mask = 0, mask.to(dev)
-        logits = model(full.to(dev), attention_mask=mask.to(dev))
-        got = _sum_logprobs(logits, targets, lengths, p - 1)
-        for i, s in zip(idx, got):
+    for batch in padded_batches(choices, batch_size, pad, side="right"):
+        n = len(batch.index)
+        full = torch.cat([torch.tensor([ctx] * n), batch.ids], 1)
+        mask = torch.cat([torch.ones(n, p, dtype=torch.long), batch.mask], 1)
+        logits = fwd.run(full, mask, prompt_length=p)
+        got = _sum_logprobs(logits, batch.ids, batch.lengths, p - 1)
+        for i, s in zip(batch.index, got):
             out[i] = s
 
 
@@ -727,6 +684,56 @@ def _mc2(scores: Sequence[float], labels: Sequence[int]) -> float:
     top = max(scores)
     w = [math.exp(s - top) for s in scores]
     return sum(x for x, label in zip(w, labels) if label) / sum(w)
+
+
+def _encode_questions(
+    model: Any,
+    questions: Sequence[MCQuestion],
+    chat: bool,
+    separator: str,
+    instruction: str | None,
+    *,
+    mc2: bool,
+) -> tuple[list[list[str]], list[EncodedChoices]]:
+    """Each question's choices to score (MC2's, or MC1's, plus any MC1 choice missing)
+    and their encodings after the question's context."""
+    texts: list[list[str]] = []
+    encs: list[EncodedChoices] = []
+    for q in questions:
+        choices = list(q.mc2_choices) if mc2 else list(q.mc1_choices)
+        for c in q.mc1_choices:
+            if c not in choices:
+                choices.append(c)
+        context = format_question(model, q.question, chat=chat, instruction=instruction)
+        encs.append(encode_choices(model, context, choices, separator=separator))
+        texts.append(choices)
+    return texts, encs
+
+
+def _mc_records(
+    questions: Sequence[MCQuestion],
+    texts: Sequence[Sequence[str]],
+    all_scores: Sequence[Sequence[float]],
+    *,
+    mc2: bool,
+) -> list[dict[str, Any]]:
+    """One record per question (see :func:`evaluate_mc`) from its choices' scores."""
+    records: list[dict[str, Any]] = []
+    for n, (q, choices, got) in enumerate(zip(questions, texts, all_scores)):
+        by_text = dict(zip(choices, got))
+        s1 = [by_text[c] for c in q.mc1_choices]
+        chosen, ok = _mc1(s1, q.mc1_correct)
+        rec: dict[str, Any] = {
+            "index": n,
+            "question_index": q.index,
+            "chosen": chosen,
+            "correct": ok,
+            "scores": s1,
+        }
+        if mc2:
+            rec["mc2"] = _mc2([by_text[c] for c in q.mc2_choices], q.mc2_labels)
+        records.append(rec)
+    return records
 
 
 def evaluate_mc(
@@ -784,20 +791,8 @@ def evaluate_mc(
         raise ValueError("no questions to evaluate")
     is_chat = uses_chat(model, chat)
     sep = answer_separator(model, chat=is_chat)
-    records: list[dict[str, Any]] = []
-    inexact = 0
-    texts: list[list[str]] = []
-    encs: list[EncodedChoices] = []
-    for q in questions:
-        choices = list(q.mc2_choices) if mc2 else list(q.mc1_choices)
-        for c in q.mc1_choices:
-            if c not in choices:
-                choices.append(c)
-        context = format_question(model, q.question, chat=is_chat, instruction=instruction)
-        enc = encode_choices(model, context, choices, separator=sep)
-        inexact += enc.exact.count(False)
-        texts.append(choices)
-        encs.append(enc)
+    texts, encs = _encode_questions(model, questions, is_chat, sep, instruction, mc2=mc2)
+    inexact = sum(enc.exact.count(False) for enc in encs)
     bar = tqdm(total=len(questions), desc="TruthfulQA", disable=progress is not True, leave=False)
 
     def advance(done: int) -> None:
@@ -811,20 +806,7 @@ def evaluate_mc(
         )
     finally:
         bar.close()
-    for n, (q, choices, got) in enumerate(zip(questions, texts, all_scores)):
-        by_text = dict(zip(choices, got))
-        s1 = [by_text[c] for c in q.mc1_choices]
-        chosen, ok = _mc1(s1, q.mc1_correct)
-        rec: dict[str, Any] = {
-            "index": n,
-            "question_index": q.index,
-            "chosen": chosen,
-            "correct": ok,
-            "scores": s1,
-        }
-        if mc2:
-            rec["mc2"] = _mc2([by_text[c] for c in q.mc2_choices], q.mc2_labels)
-        records.append(rec)
+    records = _mc_records(questions, texts, all_scores, mc2=mc2)
     out: dict[str, Any] = {"mc1": sum(r["correct"] for r in records) / len(records)}
     if mc2:
         out["mc2"] = sum(r["mc2"] for r in records) / len(records)
@@ -897,8 +879,8 @@ def honesty_prompts(
     for persona in personas:
         instr = template.format(persona=persona)
         if use_chat:
-            tok = _tokenizer(model_or_tokenizer)
-            head = _render_user_turn(tok, instr) + answer_separator(tok, chat=True)
+            tok = tokenizer_of(model_or_tokenizer)
+            head = render_user_turn(tok, instr) + answer_separator(tok, chat=True)
             result.append([head + t for t in texts])
         else:
             result.append(

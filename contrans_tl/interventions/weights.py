@@ -37,9 +37,7 @@ def parameter_table(model: Any) -> dict[str, torch.nn.Parameter]:
         raise TypeError(
             f"expected a torch module or a TransformerBridge, got {type(model).__name__}"
         )
-    return {
-        name.replace("._original_component", ""): p for name, p in module.named_parameters()
-    }
+    return {name.replace("._original_component", ""): p for name, p in module.named_parameters()}
 
 
 def donor_weights(donor: Any, names: Sequence[str]) -> dict[str, Tensor]:
