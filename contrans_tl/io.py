@@ -60,6 +60,7 @@ __all__ = [
     "save_artifact",
     "load_artifact",
     "write_json",
+    "write_atomic",
     "sha256_file",
 ]
 
@@ -97,6 +98,40 @@ def _normal_mode(path: str | os.PathLike[str]) -> None:
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)
+
+
+def write_atomic(path: str | os.PathLike[str], write: Callable[[str], object]) -> Path:
+    """Write a file through a temporary file in its folder, then move it onto ``path``.
+
+    For files written by another library that wants a path (e.g. matplotlib's
+    ``savefig``): ``write`` is called with the temporary file's path, the file gets the
+    mode a plain ``open(path, "w")`` would give it, and it replaces ``path`` in one
+    rename, so an interrupted write leaves the old file (or none), never half a file. The
+    temporary file is removed if ``write`` raises.
+
+    Args:
+        path: the file to write; missing parent folders are created.
+        write: called once with the temporary file's path (a ``str``); must write the
+            whole content there.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Example:
+        >>> write_atomic("out/figure.png", lambda tmp: fig.savefig(tmp, format="png"))
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        _normal_mode(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
 
 
 def write_json(path: str | os.PathLike[str], data: Any) -> Path:

@@ -52,6 +52,8 @@ __all__ = [
     "MapScorer",
     "ResidualMap",
     "paired_positions",
+    "resolve_pairing",
+    "split_texts",
     "iter_paired_states",
     "fit_residual_map",
     "evaluate_map",
@@ -84,6 +86,63 @@ class LinearMapFitter:
         self.xtx = torch.zeros(d_src, d_src, dtype=torch.float64)
         self.xty = torch.zeros(d_src, d_tgt, dtype=torch.float64)
         self.sum_y_norm = 0.0
+
+    @classmethod
+    def from_moments(
+        cls,
+        n: int,
+        sum_x: Float[Tensor, " d_src"],
+        sum_y: Float[Tensor, " d_tgt"],
+        xtx: Float[Tensor, "d_src d_src"],
+        xty: Float[Tensor, "d_src d_tgt"],
+        *,
+        sum_y_norm: float = 0.0,
+    ) -> "LinearMapFitter":
+        """A fitter holding statistics accumulated elsewhere, as :meth:`update` would.
+
+        The tensors are copied (as float64, on the CPU), so the fitter can be updated
+        further without changing them. Use it to solve a map from moments streamed by
+        other code (e.g. several layer pairs accumulated in one matrix).
+
+        Args:
+            n: number of paired rows the statistics cover.
+            sum_x: ``Σx`` over those rows, ``[d_src]``.
+            sum_y: ``Σy``, ``[d_tgt]``.
+            xtx: ``XᵀX``, ``[d_src, d_src]``.
+            xty: ``XᵀY``, ``[d_src, d_tgt]``.
+            sum_y_norm: ``Σ‖y‖`` (only :attr:`mean_target_norm` reads it; 0 if unknown).
+
+        Returns:
+            A :class:`LinearMapFitter` from ``d_src`` to ``d_tgt``.
+
+        Raises:
+            ValueError: a negative ``n`` or shapes that do not agree.
+
+        Example:
+            >>> fit = LinearMapFitter.from_moments(n, sx, sy, xtx, xty)
+            >>> weight, bias = fit.solve("ridge", ridge=1e-3)
+        """
+        if n < 0:
+            raise ValueError(f"n must be >= 0 (rows covered), got {n}")
+        if sum_x.ndim != 1 or sum_y.ndim != 1:
+            raise ValueError(
+                f"sum_x and sum_y must be vectors, got shapes {tuple(sum_x.shape)} and "
+                f"{tuple(sum_y.shape)}"
+            )
+        d_src, d_tgt = int(sum_x.shape[0]), int(sum_y.shape[0])
+        if tuple(xtx.shape) != (d_src, d_src) or tuple(xty.shape) != (d_src, d_tgt):
+            raise ValueError(
+                f"with sum_x [{d_src}] and sum_y [{d_tgt}], xtx must be [{d_src}, {d_src}] and "
+                f"xty [{d_src}, {d_tgt}], got {tuple(xtx.shape)} and {tuple(xty.shape)}"
+            )
+        fit = cls(d_src, d_tgt)
+        fit.n = int(n)
+        fit.sum_x = sum_x.detach().to("cpu", torch.float64, copy=True)
+        fit.sum_y = sum_y.detach().to("cpu", torch.float64, copy=True)
+        fit.xtx = xtx.detach().to("cpu", torch.float64, copy=True)
+        fit.xty = xty.detach().to("cpu", torch.float64, copy=True)
+        fit.sum_y_norm = float(sum_y_norm)
+        return fit
 
     def update(self, x: Float[Tensor, "n d_src"], y: Float[Tensor, "n d_tgt"]) -> None:
         """Add paired rows: ``x[i]`` (source state) goes with ``y[i]`` (target state)."""
@@ -218,13 +277,71 @@ def paired_positions(
     raise ValueError(f"pairing must be one of {_PAIRINGS}, got {pairing!r}")
 
 
-def _resolve_pairing(source: Any, target: Any, pairing: Pairing) -> str:
+def resolve_pairing(source: Any, target: Any, pairing: Pairing) -> str:
+    """The pairing :func:`fit_residual_map` uses for ``pairing`` on these two models.
+
+    ``"auto"`` becomes ``"all"`` when the two tokenizers have the same vocabulary (so
+    every token can be paired) and ``"word_ends"`` otherwise; any other valid pairing is
+    returned as it is.
+
+    Args:
+        source: the source model (with a ``tokenizer``).
+        target: the target model (with a ``tokenizer``).
+        pairing: ``"auto"``, ``"last"``, ``"all"`` or ``"word_ends"``.
+
+    Returns:
+        ``"last"``, ``"all"`` or ``"word_ends"``.
+
+    Raises:
+        ValueError: an unknown pairing.
+
+    Example:
+        >>> resolve_pairing(smollm2, gemma, "auto")
+        'word_ends'
+    """
     if pairing not in _PAIRINGS:
         raise ValueError(f"pairing must be one of {_PAIRINGS}, got {pairing!r}")
     if pairing != "auto":
         return pairing
     same = source.tokenizer.get_vocab() == target.tokenizer.get_vocab()
     return "all" if same else "word_ends"
+
+
+def split_texts(
+    texts: Sequence[str], heldout_fraction: float, seed: int
+) -> tuple[list[str], list[str]]:
+    """The seeded split of texts into training and held-out texts that maps are fitted on.
+
+    ``round(len(texts) · heldout_fraction)`` texts are held out, chosen by a
+    ``random.Random(seed)`` shuffle; both parts keep the texts' order. This is the split
+    :func:`fit_residual_map` makes (and
+    :func:`contrans_tl.analysis.layer_similarity` with ``metric="r2"``), so the held-out
+    numbers of the two can be compared.
+
+    Args:
+        texts: the texts.
+        heldout_fraction: share held out, in ``[0, 1]``.
+        seed: seeds the shuffle.
+
+    Returns:
+        ``(train_texts, heldout_texts)``; either may be empty.
+
+    Raises:
+        ValueError: ``heldout_fraction`` outside ``[0, 1]``.
+
+    Example:
+        >>> train, held = split_texts(wikisplit_sentences(2000), 0.1, seed=0)
+        >>> len(train), len(held)
+        (1800, 200)
+    """
+    if not 0 <= heldout_fraction <= 1:
+        raise ValueError(f"heldout_fraction must be in [0, 1], got {heldout_fraction}")
+    n_held = int(round(len(texts) * heldout_fraction))
+    order = list(range(len(texts)))
+    random.Random(seed).shuffle(order)
+    held = [texts[i] for i in sorted(order[:n_held])]
+    train = [texts[i] for i in sorted(order[n_held:])]
+    return train, held
 
 
 def iter_paired_states(
@@ -506,43 +623,24 @@ def fit_residual_map(
         A :class:`ResidualMap` with held-out metrics per target layer.
     """
     check_texts(texts)
-    if not 0 <= heldout_fraction < 1:
-        raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
-    if method not in _METHODS:
-        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
-    if method == "ridge":
-        _check_ridge(ridge)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    check_max_length(max_length)
-    kind = _resolve_pairing(source, target, pairing)
+    _check_fit_settings(heldout_fraction, method, ridge, batch_size, max_length)
+    kind = resolve_pairing(source, target, pairing)
     if layer_pairs is None:
         layer_pairs = match_layers_by_depth(source.cfg.n_layers, target.cfg.n_layers)
     pairs = [(check_layers(source, [s])[0], check_layers(target, [t])[0]) for s, t in layer_pairs]
-    texts = list(texts)
-    n_held = int(round(len(texts) * heldout_fraction))
-    if len(texts) - n_held < 1:
+    train, held = split_texts(list(texts), heldout_fraction, seed)
+    if not train:
         raise ValueError(f"{len(texts)} texts leave none to fit on")
-    order = list(range(len(texts)))
-    random.Random(seed).shuffle(order)
-    held = [texts[i] for i in sorted(order[:n_held])]
-    train = [texts[i] for i in sorted(order[n_held:])]
-
-    d_s, d_t = source.cfg.d_model, target.cfg.d_model
-    fitters = {t: LinearMapFitter(d_s, d_t) for _, t in pairs}
-    for xs, ys in iter_paired_states(
+    fitters = _accumulate_fitters(
         source,
         target,
         train,
         pairs,
-        kind,  # type: ignore[arg-type]
+        kind,
         batch_size=batch_size,
         max_length=max_length,
         progress=progress,
-        desc="fitting maps",
-    ):
-        for s, t in pairs:
-            fitters[t].update(xs[s], ys[t])
+    )
     weights, biases = {}, {}
     for _, t in pairs:
         weights[t], biases[t] = fitters[t].solve(method, ridge=ridge)
@@ -569,6 +667,55 @@ def fit_residual_map(
             result, source, target, held, batch_size=batch_size, max_length=max_length
         )
     return result
+
+
+def _check_fit_settings(
+    heldout_fraction: float,
+    method: str,
+    ridge: float,
+    batch_size: int,
+    max_length: int | None,
+) -> None:
+    """Refuse, by name, settings of :func:`fit_residual_map` it cannot use."""
+    if not 0 <= heldout_fraction < 1:
+        raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    if method == "ridge":
+        _check_ridge(ridge)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    check_max_length(max_length)
+
+
+def _accumulate_fitters(
+    source: Any,
+    target: Any,
+    texts: list[str],
+    pairs: list[tuple[int, int]],
+    pairing: str,
+    *,
+    batch_size: int,
+    max_length: int | None,
+    progress: bool | None,
+) -> dict[int, LinearMapFitter]:
+    """One :class:`LinearMapFitter` per target layer, fed the paired states of ``texts``."""
+    d_s, d_t = source.cfg.d_model, target.cfg.d_model
+    fitters = {t: LinearMapFitter(d_s, d_t) for _, t in pairs}
+    for xs, ys in iter_paired_states(
+        source,
+        target,
+        texts,
+        pairs,
+        pairing,  # type: ignore[arg-type]
+        batch_size=batch_size,
+        max_length=max_length,
+        progress=progress,
+        desc="fitting maps",
+    ):
+        for s, t in pairs:
+            fitters[t].update(xs[s], ys[t])
+    return fitters
 
 
 def evaluate_map(

@@ -35,7 +35,6 @@ Example:
 import itertools
 import math
 import os
-import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -51,8 +50,9 @@ from contrans_tl.maps import (
     LinearMapFitter,
     MapMethod,
     Pairing,
-    _resolve_pairing,
     iter_paired_states,
+    resolve_pairing,
+    split_texts,
 )
 from contrans_tl.models import model_provenance
 from contrans_tl.sites import check_layers
@@ -418,13 +418,13 @@ class _Moments:
         """
         if self.shift:
             raise RuntimeError("fitters need unshifted moments")
-        fit = LinearMapFitter(self.d_src, len(self.tgt_layers) * self.d_tgt)
-        fit.n = self.n
-        fit.sum_x = self.sum_x[i].clone()
-        fit.sum_y = self.sum_y.reshape(-1).clone()
-        fit.xtx = self.xtx[i].clone()
-        fit.xty = self.cross[i * self.d_src : (i + 1) * self.d_src].clone()
-        return fit
+        return LinearMapFitter.from_moments(
+            self.n,
+            self.sum_x[i],
+            self.sum_y.reshape(-1),
+            self.xtx[i],
+            self.cross[i * self.d_src : (i + 1) * self.d_src],
+        )
 
     def r2(self, i: int, j: int, weight: Tensor, bias: Tensor) -> float:
         """Held-out R² of ``y ≈ x W + b`` (source layer ``i`` to target layer ``j``).
@@ -541,14 +541,7 @@ def similarity_from_states(
         scores = mom.cka()
         info: dict[str, Any] = {"n_pairs": n}
     else:
-        n_held = int(round(n * heldout_fraction))
-        if n_held < 2 or n - n_held < 1:
-            raise ValueError(
-                f"{n} rows with heldout_fraction={heldout_fraction} leave {n_held} held-out "
-                f"and {n - n_held} training rows; need at least 2 and 1"
-            )
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-        held_idx, train_idx = perm[:n_held].sort().values, perm[n_held:].sort().values
+        held_idx, train_idx = _heldout_rows(n, heldout_fraction, seed)
         train = _Moments(src_layers, tgt_layers, d_src, d_tgt, shift=False, target_gram=False)
         held = _Moments(src_layers, tgt_layers, d_src, d_tgt, shift=True, target_gram=False)
         train.update(
@@ -563,10 +556,7 @@ def similarity_from_states(
         info = {
             "n_pairs_train": train.n,
             "n_pairs_heldout": held.n,
-            "method": method,
-            "ridge": ridge if method == "ridge" else None,
-            "heldout_fraction": heldout_fraction,
-            "seed": seed,
+            **_r2_settings(method, ridge, heldout_fraction, seed),
         }
     return LayerSimilarity(
         scores=scores,
@@ -575,6 +565,32 @@ def similarity_from_states(
         metric=metric,
         info=info,
     )
+
+
+def _heldout_rows(n: int, heldout_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """Seeded ``(held_out, training)`` row indices, each ascending.
+
+    Raises:
+        ValueError: the share leaves fewer than 2 held-out or no training rows.
+    """
+    n_held = int(round(n * heldout_fraction))
+    if n_held < 2 or n - n_held < 1:
+        raise ValueError(
+            f"{n} rows with heldout_fraction={heldout_fraction} leave {n_held} held-out "
+            f"and {n - n_held} training rows; need at least 2 and 1"
+        )
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[:n_held].sort().values, perm[n_held:].sort().values
+
+
+def _r2_settings(method: str, ridge: float, heldout_fraction: float, seed: int) -> dict[str, Any]:
+    """The settings an ``"r2"`` matrix records in its ``info``."""
+    return {
+        "method": method,
+        "ridge": ridge if method == "ridge" else None,
+        "heldout_fraction": heldout_fraction,
+        "seed": seed,
+    }
 
 
 def layer_similarity(
@@ -645,73 +661,17 @@ def layer_similarity(
     if not texts:
         raise ValueError("no texts given")
     _check_metric(metric, method, ridge, heldout_fraction)
-    kind = _resolve_pairing(source, target, pairing)
-    src = check_layers(
-        source, range(source.cfg.n_layers) if source_layers is None else source_layers
+    kind = resolve_pairing(source, target, pairing)
+    src, tgt = _layers_or_all(source, source_layers), _layers_or_all(target, target_layers)
+    reader = _PairedReader(
+        source, target, src, tgt, kind, batch_size, chunk_texts, max_length, progress
     )
-    tgt = check_layers(
-        target, range(target.cfg.n_layers) if target_layers is None else target_layers
-    )
-    # every layer of both lists in one read per model
-    read_pairs = [(s, tgt[0]) for s in src] + [(src[0], t) for t in tgt]
-    d_src, d_tgt = int(source.cfg.d_model), int(target.cfg.d_model)
-
-    def stream(part: list[str], moments: _Moments, desc: str) -> None:
-        for xs, ys in iter_paired_states(
-            source,
-            target,
-            part,
-            read_pairs,
-            kind,  # type: ignore[arg-type]
-            batch_size=batch_size,
-            chunk_texts=chunk_texts,
-            max_length=max_length,
-            progress=progress,
-            desc=desc,
-        ):
-            moments.update(xs, ys)
-
     info: dict[str, Any] = {"n_texts": len(texts), "max_length": max_length}
     if metric == "cka":
-        mom = _Moments(src, tgt, d_src, d_tgt, shift=True, target_gram=True)
-        stream(texts, mom, "layer similarity")
-        if mom.n < 2:
-            raise ValueError(f"the texts gave {mom.n} paired states; CKA needs at least 2")
-        scores = mom.cka()
-        info["n_pairs"] = mom.n
+        scores, more = _cka_of_texts(reader, texts)
     else:
-        n_held = int(round(len(texts) * heldout_fraction))
-        if n_held < 1 or len(texts) - n_held < 1:
-            raise ValueError(
-                f"{len(texts)} texts with heldout_fraction={heldout_fraction} leave "
-                f"{n_held} held-out and {len(texts) - n_held} training texts; need >= 1 each"
-            )
-        order = list(range(len(texts)))
-        random.Random(seed).shuffle(order)  # the split fit_residual_map makes
-        held_texts = [texts[i] for i in sorted(order[:n_held])]
-        train_texts = [texts[i] for i in sorted(order[n_held:])]
-        train = _Moments(src, tgt, d_src, d_tgt, shift=False, target_gram=False)
-        held = _Moments(src, tgt, d_src, d_tgt, shift=True, target_gram=False)
-        stream(train_texts, train, "layer similarity (fit)")
-        stream(held_texts, held, "layer similarity (held out)")
-        if train.n < 1 or held.n < 2:
-            raise ValueError(
-                f"the texts gave {train.n} training and {held.n} held-out paired states; "
-                "need at least 1 and 2 (use more texts or another pairing)"
-            )
-        scores = _r2_matrix(train, held, method, ridge)
-        info.update(
-            {
-                "n_texts_train": len(train_texts),
-                "n_texts_heldout": len(held_texts),
-                "n_pairs_train": train.n,
-                "n_pairs_heldout": held.n,
-                "method": method,
-                "ridge": ridge if method == "ridge" else None,
-                "heldout_fraction": heldout_fraction,
-                "seed": seed,
-            }
-        )
+        scores, more = _r2_of_texts(reader, texts, method, ridge, heldout_fraction, seed)
+    info.update(more)
     return LayerSimilarity(
         scores=scores,
         source_layers=tuple(src),
@@ -722,6 +682,110 @@ def layer_similarity(
         pairing=kind,
         info=info,
     )
+
+
+def _layers_or_all(model: Any, layers: Sequence[int] | None) -> list[int]:
+    """``layers`` checked against ``model`` and sorted; ``None``: all of its layers."""
+    return check_layers(model, range(model.cfg.n_layers) if layers is None else layers)
+
+
+@dataclass(frozen=True)
+class _PairedReader:
+    """Streams the paired states of two models' layers into :class:`_Moments`.
+
+    Every layer of both lists is captured in one read per model (the pairs read are
+    each source layer with the first target layer, and the first source layer with each
+    target layer).
+    """
+
+    source: Any
+    target: Any
+    src_layers: list[int]
+    tgt_layers: list[int]
+    pairing: str
+    batch_size: int
+    chunk_texts: int
+    max_length: int | None
+    progress: bool | None
+
+    def moments(self, *, shift: bool, target_gram: bool) -> _Moments:
+        """Empty moments of this reader's layers and widths."""
+        return _Moments(
+            self.src_layers,
+            self.tgt_layers,
+            int(self.source.cfg.d_model),
+            int(self.target.cfg.d_model),
+            shift=shift,
+            target_gram=target_gram,
+        )
+
+    def stream(self, texts: list[str], moments: _Moments, desc: str) -> None:
+        """Read ``texts`` with both models and add their paired states to ``moments``."""
+        src, tgt = self.src_layers, self.tgt_layers
+        read_pairs = [(s, tgt[0]) for s in src] + [(src[0], t) for t in tgt]
+        for xs, ys in iter_paired_states(
+            self.source,
+            self.target,
+            texts,
+            read_pairs,
+            self.pairing,  # type: ignore[arg-type]
+            batch_size=self.batch_size,
+            chunk_texts=self.chunk_texts,
+            max_length=self.max_length,
+            progress=self.progress,
+            desc=desc,
+        ):
+            moments.update(xs, ys)
+
+
+def _cka_of_texts(reader: _PairedReader, texts: list[str]) -> tuple[Tensor, dict[str, Any]]:
+    """The CKA matrix of all ``texts`` and the count it records."""
+    mom = reader.moments(shift=True, target_gram=True)
+    reader.stream(texts, mom, "layer similarity")
+    if mom.n < 2:
+        raise ValueError(f"the texts gave {mom.n} paired states; CKA needs at least 2")
+    return mom.cka(), {"n_pairs": mom.n}
+
+
+def _r2_of_texts(
+    reader: _PairedReader,
+    texts: list[str],
+    method: MapMethod,
+    ridge: float,
+    heldout_fraction: float,
+    seed: int,
+) -> tuple[Tensor, dict[str, Any]]:
+    """The held-out R² matrix, split as :func:`contrans_tl.maps.fit_residual_map` splits.
+
+    Returns:
+        The scores and what they record: text and pair counts on each side, settings.
+
+    Raises:
+        ValueError: the split leaves no texts on one side, or too few paired states.
+    """
+    train_texts, held_texts = split_texts(texts, heldout_fraction, seed)
+    if not held_texts or not train_texts:
+        raise ValueError(
+            f"{len(texts)} texts with heldout_fraction={heldout_fraction} leave "
+            f"{len(held_texts)} held-out and {len(train_texts)} training texts; need >= 1 each"
+        )
+    train = reader.moments(shift=False, target_gram=False)
+    held = reader.moments(shift=True, target_gram=False)
+    reader.stream(train_texts, train, "layer similarity (fit)")
+    reader.stream(held_texts, held, "layer similarity (held out)")
+    if train.n < 1 or held.n < 2:
+        raise ValueError(
+            f"the texts gave {train.n} training and {held.n} held-out paired states; "
+            "need at least 1 and 2 (use more texts or another pairing)"
+        )
+    info = {
+        "n_texts_train": len(train_texts),
+        "n_texts_heldout": len(held_texts),
+        "n_pairs_train": train.n,
+        "n_pairs_heldout": held.n,
+        **_r2_settings(method, ridge, heldout_fraction, seed),
+    }
+    return _r2_matrix(train, held, method, ridge), info
 
 
 def layer_pairs_from_similarity(

@@ -212,6 +212,33 @@ def token_shifts(
         >>> [(s.token, round(s.delta, 4)) for s in shifts[12][0].increased[:3]]
         >>> steered = token_shifts(model, texts, v, 4.0, layers=[12], mode="steered")
     """
+    _check_shift_args(texts, k, position, mode, measure, chunk_size)
+    read_layers = check_layers(model, vector.layers if layers is None else layers)
+    texts = list(texts)
+    before, after = _lens_states(
+        model,
+        texts,
+        vector,
+        alpha,
+        read_layers,
+        mode=mode,
+        steer_layers=steer_layers,
+        scale=scale,
+        strict=strict,
+        batch_size=batch_size,
+    )
+    return {
+        layer: _rank_shifts(
+            model, texts, layer, before[layer], after[layer], k, measure, chunk_size
+        )
+        for layer in read_layers
+    }
+
+
+def _check_shift_args(
+    texts: Sequence[str], k: int, position: str, mode: str, measure: str, chunk_size: int
+) -> None:
+    """Refuse, by name, the arguments of :func:`token_shifts` it cannot use."""
     if isinstance(texts, str):
         raise TypeError("token_shifts() takes a list of texts, got one str; wrap it in a list")
     if len(texts) == 0:
@@ -226,9 +253,30 @@ def token_shifts(
         raise ValueError(f"measure must be 'probs' or 'log_probs', got {measure!r}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    read_layers = check_layers(model, vector.layers if layers is None else layers)
-    texts = list(texts)
 
+
+def _lens_states(
+    model: Any,
+    texts: list[str],
+    vector: ConceptVector,
+    alpha: float,
+    read_layers: list[int],
+    *,
+    mode: ShiftMode,
+    steer_layers: Sequence[int] | None,
+    scale: Scale,
+    strict: bool,
+    batch_size: int,
+) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
+    """Last-token ``resid_post`` of the read layers without and with the vector added.
+
+    ``"direct"``: the state plus ``α · v[k]``; ``"steered"``: a second read with the
+    steering hooks on (see :func:`token_shifts`).
+
+    Raises:
+        ValueError: a read layer without a vector in ``"direct"`` mode, or a vector that
+            does not fit the model.
+    """
     if mode == "direct":
         missing = [layer for layer in read_layers if layer not in vector.layers]
         if missing:
@@ -251,32 +299,56 @@ def token_shifts(
     else:
         with steering:
             after = read_resid_post(model, texts, read_layers, batch_size=batch_size).states
+    return before, after
 
+
+def _rank_shifts(
+    model: Any,
+    texts: list[str],
+    layer: int,
+    before: Tensor,
+    after: Tensor,
+    k: int,
+    measure: Literal["probs", "log_probs"],
+    chunk_size: int,
+) -> list[TextShifts]:
+    """Each text's ``k`` biggest risers and fallers at one layer, ``chunk_size`` at a time.
+
+    Args:
+        model: the model whose lens reads the states.
+        texts: the texts, one per row of ``before`` and ``after``.
+        layer: the block the states were read at (recorded in each row).
+        before: ``[n_texts, d_model]`` states without the vector.
+        after: the same with the vector added.
+        k: tokens kept on each side.
+        measure: ``"probs"`` or ``"log_probs"``.
+        chunk_size: states read through the lens at once.
+
+    Returns:
+        One :class:`TextShifts` per text, in text order.
+    """
     decode = model.tokenizer.decode
-    out: dict[int, list[TextShifts]] = {}
-    for layer in read_layers:
-        rows: list[TextShifts] = []
-        for start in range(0, len(texts), chunk_size):
-            b = logit_lens(model, before[layer][start : start + chunk_size], return_type=measure)
-            a = logit_lens(model, after[layer][start : start + chunk_size], return_type=measure)
-            b, a = b.float(), a.float()
-            delta = a - b
-            n_top = min(k, delta.shape[-1])
-            up = delta.topk(n_top, dim=-1)
-            down = (-delta).topk(n_top, dim=-1)
-            for r in range(delta.shape[0]):
-                i = start + r
-                rows.append(
-                    TextShifts(
-                        text_index=i,
-                        text=texts[i],
-                        layer=layer,
-                        increased=_shifts(up.indices[r], delta[r], b[r], a[r], decode, +1),
-                        decreased=_shifts(down.indices[r], delta[r], b[r], a[r], decode, -1),
-                    )
+    rows: list[TextShifts] = []
+    for start in range(0, len(texts), chunk_size):
+        b = logit_lens(model, before[start : start + chunk_size], return_type=measure)
+        a = logit_lens(model, after[start : start + chunk_size], return_type=measure)
+        b, a = b.float(), a.float()
+        delta = a - b
+        n_top = min(k, delta.shape[-1])
+        up = delta.topk(n_top, dim=-1)
+        down = (-delta).topk(n_top, dim=-1)
+        for r in range(delta.shape[0]):
+            i = start + r
+            rows.append(
+                TextShifts(
+                    text_index=i,
+                    text=texts[i],
+                    layer=layer,
+                    increased=_shifts(up.indices[r], delta[r], b[r], a[r], decode, +1),
+                    decreased=_shifts(down.indices[r], delta[r], b[r], a[r], decode, -1),
                 )
-        out[layer] = rows
-    return out
+            )
+    return rows
 
 
 def _shifts(

@@ -28,7 +28,6 @@ Example:
 import json
 import math
 import os
-import tempfile
 import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -39,7 +38,7 @@ import torch
 
 from contrans_tl.analysis.diagnostics import LayerSimilarity
 from contrans_tl.analysis.geometry import BeforeAfterPCA
-from contrans_tl.io import _normal_mode, write_json
+from contrans_tl.io import write_atomic, write_json
 from contrans_tl.sites import match_layers_by_depth
 
 __all__ = [
@@ -113,24 +112,10 @@ def _wrap(fig: Any, text: str, fontsize: float = 9) -> str:
     return "\n".join(textwrap.fill(line, chars) for line in text.split("\n"))
 
 
-def _replace_atomically(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` then move the temporary file onto ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        _normal_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _save(fig: Any, data: Mapping[str, Any], path: str | os.PathLike[str]) -> tuple[Path, Path]:
     png, js = figure_paths(path)
     payload = _jsonable(data)
-    _replace_atomically(png, lambda tmp: fig.savefig(tmp, format="png"))
+    write_atomic(png, lambda tmp: fig.savefig(tmp, format="png"))
     write_json(js, payload)
     return png, js
 
@@ -139,7 +124,7 @@ def _write_text(path: Path, text: str) -> None:
     def write(tmp: str) -> None:
         Path(tmp).write_text(text, encoding="utf-8")
 
-    _replace_atomically(path, write)
+    write_atomic(path, write)
 
 
 def _series(values: Mapping[Any, float]) -> tuple[list[int], list[float]]:
@@ -210,24 +195,52 @@ def plot_layer_similarity(
     Example:
         >>> plot_layer_similarity(layer_similarity(src, tgt, texts), "out/cka")
     """
-    scores = sim.scores.numpy()
     src, tgt = list(sim.source_layers), list(sim.target_layers)
     n_src = int(sim.source.get("n_layers") or (src[-1] + 1))
     n_tgt = int(sim.target.get("n_layers") or (tgt[-1] + 1))
-
-    def pairs(monotone: bool) -> list[tuple[int, int]] | None:
-        try:
-            return sim.best_pairs(monotone=monotone)
-        except ValueError:
-            return None
-
-    monotone_pairs, best = pairs(True), pairs(False)
+    monotone_pairs, best = _best_pairs_or_none(sim, True), _best_pairs_or_none(sim, False)
     depth = [(s, t) for s, t in match_layers_by_depth(n_src, n_tgt) if t in tgt]
-
-    def y_of(s: int) -> float:  # a source layer's row, interpolated if it was left out
-        return float(np.interp(s, src, np.arange(len(src))))
-
     fig, (ax,) = _figure(max(5.0, 0.28 * len(tgt) + 3), max(4.0, 0.22 * len(src) + 2))
+    _draw_similarity_heatmap(fig, ax, sim)
+    _draw_matchings(ax, src, tgt, monotone_pairs, best, depth)
+    _ticks(ax, "x", tgt)
+    _ticks(ax, "y", src)
+    ax.set_xlabel(f"target layer ({sim.target.get('model_id') or 'target'})")
+    ax.set_ylabel(f"source layer ({sim.source.get('model_id') or 'source'})")
+    ax.legend(loc="upper left", fontsize=7, framealpha=0.6)
+    ax.set_title(_wrap(fig, title or _similarity_title(sim)), fontsize=9)
+    data = {
+        "kind": "layer_similarity",
+        **sim.to_dict(),
+        "monotone_pairs": monotone_pairs,
+        "best_pairs": best,
+        "depth_pairs": depth,
+        "source_n_layers": n_src,
+        "target_n_layers": n_tgt,
+    }
+    return _save(fig, data, path)
+
+
+def _best_pairs_or_none(sim: LayerSimilarity, monotone: bool) -> list[tuple[int, int]] | None:
+    """:meth:`LayerSimilarity.best_pairs`, or ``None`` where no matching exists."""
+    try:
+        return sim.best_pairs(monotone=monotone)
+    except ValueError:
+        return None
+
+
+def _similarity_title(sim: LayerSimilarity) -> str:
+    """The default title of :func:`plot_layer_similarity`: the metric and the two models."""
+    metric = "linear CKA" if sim.metric == "cka" else "held-out map R²"
+    return (
+        f"{metric}: "
+        f"{sim.source.get('model_id') or 'source'} x {sim.target.get('model_id') or 'target'}"
+    )
+
+
+def _draw_similarity_heatmap(fig: Any, ax: Any, sim: LayerSimilarity) -> None:
+    """The score matrix as an image (NaN left blank) with its colour bar."""
+    scores = sim.scores.numpy()
     finite = scores[np.isfinite(scores)]
     im = ax.imshow(
         np.ma.masked_invalid(scores),
@@ -239,6 +252,25 @@ def plot_layer_similarity(
         vmax=float(finite.max()) if finite.size else None,
     )
     fig.colorbar(im, ax=ax, label="linear CKA" if sim.metric == "cka" else "held-out R²")
+
+
+def _draw_matchings(
+    ax: Any,
+    src: list[int],
+    tgt: list[int],
+    monotone_pairs: list[tuple[int, int]] | None,
+    best: list[tuple[int, int]] | None,
+    depth: list[tuple[int, int]],
+) -> None:
+    """The three layer matchings of :func:`plot_layer_similarity` over its heatmap.
+
+    A source layer's row is interpolated between its neighbours when it was left out of
+    the matrix (the relative-depth matching may name it).
+    """
+
+    def y_of(s: int) -> float:
+        return float(np.interp(s, src, np.arange(len(src))))
+
     xs = np.arange(len(tgt))
     if monotone_pairs is not None:
         ax.plot(
@@ -267,30 +299,6 @@ def plot_layer_similarity(
         lw=1.5,
         label="relative depth (fit_residual_map default)",
     )
-    _ticks(ax, "x", tgt)
-    _ticks(ax, "y", src)
-    ax.set_xlabel(f"target layer ({sim.target.get('model_id') or 'target'})")
-    ax.set_ylabel(f"source layer ({sim.source.get('model_id') or 'source'})")
-    ax.legend(loc="upper left", fontsize=7, framealpha=0.6)
-    ax.set_title(
-        _wrap(
-            fig,
-            title
-            or f"{'linear CKA' if sim.metric == 'cka' else 'held-out map R²'}: "
-            f"{sim.source.get('model_id') or 'source'} x {sim.target.get('model_id') or 'target'}",
-        ),
-        fontsize=9,
-    )
-    data = {
-        "kind": "layer_similarity",
-        **sim.to_dict(),
-        "monotone_pairs": monotone_pairs,
-        "best_pairs": best,
-        "depth_pairs": depth,
-        "source_n_layers": n_src,
-        "target_n_layers": n_tgt,
-    }
-    return _save(fig, data, path)
 
 
 def plot_vector_cosines(
@@ -654,6 +662,36 @@ def plot_alpha_sweep(
         ...         for a in (0, 0.5, 1, 2)]
         >>> plot_alpha_sweep(rows, "out/alpha_sweep", picked={"transplanted": 1.0})
     """
+    series = _sweep_series(rows, effect, series_key)
+    fig, (ax,) = _figure(7.5, 5.0)
+    ax2 = ax.twinx() if any(r.get(fluency) is not None for r in rows) else None
+    for i, (name, rs) in enumerate(series.items()):
+        _draw_sweep_series(ax, ax2, name, rs, f"C{i}", effect, fluency, picked)
+    _sweep_axes(ax, ax2, rows, fluency, effect_label, fluency_label, effect_range)
+    ncols = min(3, len(series))
+    fig.legend(loc="outside lower center", ncols=ncols, fontsize=7)
+    ax.set_title(
+        _wrap(fig, title + ("\n★: picked α" if picked and "★" not in title else "")), fontsize=9
+    )
+    data = {
+        "kind": "alpha_sweep",
+        "effect": effect,
+        "fluency": fluency,
+        "series_key": series_key,
+        "picked": dict(picked) if picked else None,
+        "rows": [dict(r) for r in rows],
+    }
+    return _save(fig, data, path)
+
+
+def _sweep_series(
+    rows: Sequence[Mapping[str, Any]], effect: str, series_key: str
+) -> dict[str, list[Mapping[str, Any]]]:
+    """Check the rows of :func:`plot_alpha_sweep` and group them by series, in order.
+
+    Raises:
+        ValueError: no rows, or a row without ``"alpha"`` or the ``effect`` key.
+    """
     if not rows:
         raise ValueError("no rows to plot; give dicts with 'alpha' and the effect key")
     for i, r in enumerate(rows):
@@ -663,26 +701,45 @@ def plot_alpha_sweep(
     series: dict[str, list[Mapping[str, Any]]] = {}
     for r in rows:
         series.setdefault(str(r.get(series_key, "")), []).append(r)
-    fig, (ax,) = _figure(7.5, 5.0)
-    ax2 = None
-    any_fluency = any(r.get(fluency) is not None for r in rows)
-    if any_fluency:
-        ax2 = ax.twinx()
-    for i, (name, rs) in enumerate(series.items()):
-        rs = sorted(rs, key=lambda r: float(r["alpha"]))
-        xs = [float(r["alpha"]) for r in rs]
-        colour = f"C{i}"
-        ys = [float("nan") if r[effect] is None else float(r[effect]) for r in rs]
-        ax.plot(xs, ys, "-o", ms=4, color=colour, label=name or effect)
-        if ax2 is not None:
-            fl = [(float(r["alpha"]), float(r[fluency])) for r in rs if r.get(fluency) is not None]
-            if fl:
-                ax2.plot([a for a, _ in fl], [f for _, f in fl], "--s", ms=3, color=colour)
-        if picked and picked.get(name) is not None:
-            a = float(picked[name])  # type: ignore[arg-type]
-            hit = [y for x, y in zip(xs, ys) if x == a]
-            if hit:
-                ax.plot([a], [hit[0]], "*", ms=14, color=colour, mec="black")
+    return series
+
+
+def _draw_sweep_series(
+    ax: Any,
+    ax2: Any,
+    name: str,
+    rows: list[Mapping[str, Any]],
+    colour: str,
+    effect: str,
+    fluency: str,
+    picked: Mapping[str, float | None] | None,
+) -> None:
+    """One series of :func:`plot_alpha_sweep`: effect (solid), fluency (dashed), ★ picked."""
+    rs = sorted(rows, key=lambda r: float(r["alpha"]))
+    xs = [float(r["alpha"]) for r in rs]
+    ys = [float("nan") if r[effect] is None else float(r[effect]) for r in rs]
+    ax.plot(xs, ys, "-o", ms=4, color=colour, label=name or effect)
+    if ax2 is not None:
+        fl = [(float(r["alpha"]), float(r[fluency])) for r in rs if r.get(fluency) is not None]
+        if fl:
+            ax2.plot([a for a, _ in fl], [f for _, f in fl], "--s", ms=3, color=colour)
+    if picked and picked.get(name) is not None:
+        a = float(picked[name])  # type: ignore[arg-type]
+        hit = [y for x, y in zip(xs, ys) if x == a]
+        if hit:
+            ax.plot([a], [hit[0]], "*", ms=14, color=colour, mec="black")
+
+
+def _sweep_axes(
+    ax: Any,
+    ax2: Any,
+    rows: Sequence[Mapping[str, Any]],
+    fluency: str,
+    effect_label: str,
+    fluency_label: str,
+    effect_range: tuple[float, float] | None,
+) -> None:
+    """Scales, limits and labels of the two axes of :func:`plot_alpha_sweep`."""
     positive = sorted({float(r["alpha"]) for r in rows if float(r["alpha"]) > 0})
     if positive and positive[-1] / positive[0] >= 8:
         if any(float(r["alpha"]) <= 0 for r in rows):
@@ -700,20 +757,6 @@ def plot_alpha_sweep(
         fvals = [float(r[fluency]) for r in rows if r.get(fluency) is not None]
         if min(fvals) > 0 and max(fvals) / min(fvals) >= 3:
             ax2.set_yscale("log")
-    ncols = min(3, len(series))
-    fig.legend(loc="outside lower center", ncols=ncols, fontsize=7)
-    ax.set_title(
-        _wrap(fig, title + ("\n★: picked α" if picked and "★" not in title else "")), fontsize=9
-    )
-    data = {
-        "kind": "alpha_sweep",
-        "effect": effect,
-        "fluency": fluency,
-        "series_key": series_key,
-        "picked": dict(picked) if picked else None,
-        "rows": [dict(r) for r in rows],
-    }
-    return _save(fig, data, path)
 
 
 def _cell(item: tuple[str, int] | None) -> str:
