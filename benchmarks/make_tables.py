@@ -24,6 +24,7 @@ FILES = {
     "eval": "bench_eval.py",
     "mapfit": "bench_mapfit.py",
     "scaling": "bench_scaling.py",
+    "demo": "bench_demo.py",
 }
 
 
@@ -317,12 +318,57 @@ def scaling(d: dict[str, Any]) -> list[str]:
     return out + _table(hdr, rows) + [""]
 
 
+def demo(d: dict[str, Any]) -> list[str]:
+    runs = d["runs"]
+    out = [
+        f"The README demo (`{d['demo']}`), each run a fresh process timed from start to exit "
+        "(imports and model loading included). `first`: empty result cache; `repeat`: the same "
+        "command again. Load: the 1-minute load average before / after the run (2 cores; "
+        "other work beside a run slows it).",
+        "",
+    ]
+    rows = []
+    for name, r in runs.items():
+        steps = r.get("step_seconds") or {}
+        top = sorted(steps.items(), key=lambda kv: -kv[1])[:3]
+        rows.append(
+            [
+                name,
+                f"{r['seconds']:.1f}",
+                "-" if r.get("experiment_seconds") is None else f"{r['experiment_seconds']:.1f}",
+                f"{r['loadavg_before']:.2f} / {r['loadavg_after']:.2f}",
+                ", ".join(f"{k} {v:.0f} s" for k, v in top) or "-",
+            ]
+        )
+    out += _table(["run", "wall s", "in experiment s", "load", "largest steps"], rows) + [""]
+    trows = [
+        [name, f"{t['seconds']:.1f} s", f"<= {t['target']:g} s", _verdict(t["ok"])]
+        for name, t in d["targets"].items()
+    ]
+    for k, v in d.get("ratios", {}).items():
+        trows.append([k.replace("_", " "), f"{v:.2f}x", "", ""])
+    for name, s in d.get("same_numbers_as_before", {}).items():
+        n, off = s["numbers_compared"], s["problems"]
+        where = f" ({'; '.join(off[:2])})" if off else ""
+        trows.append(
+            [
+                f"{name}: same numbers as before",
+                f"{n - len(off)} of {n} within 1e-6; largest diff {s['max_abs_diff']:.3g}{where}",
+                "<= 1e-6",
+                _verdict(not off),
+            ]
+        )
+    out += ["Targets:", ""] + _table(["cell", "measured", "needed", ""], trows)
+    return out + [""]
+
+
 SECTIONS = {
     "activations": ("Activation reads", activations),
     "generation": ("Steered generation", generation),
     "eval": ("Evaluation: shared prefixes and batching", evaluation),
     "mapfit": ("Map fitting: streaming vs one least-squares solve", mapfit),
     "scaling": ("Scaling with model size", scaling),
+    "demo": ("The README demo: first and repeated run", demo),
 }
 
 

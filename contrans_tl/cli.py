@@ -213,6 +213,17 @@ def _build_parser() -> tuple[argparse.ArgumentParser, set[str]]:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--no-self", action="store_true", help="skip the Self reference")
     e.add_argument("--no-random", action="store_true", help="skip the Random reference")
+    e.add_argument(
+        "--cache-dir",
+        default=None,
+        help="result cache folder: vectors, maps and predictions of earlier runs are reused "
+        "(default: $CONTRANS_TL_CACHE/results, i.e. ~/.cache/contrans_tl/results)",
+    )
+    e.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="compute everything again: neither read nor write the result cache",
+    )
     a = _add_analyze(sub)
     f = sub.add_parser("fetch", help="prepare offline-zoo models (install, join, verify, cache)")
     f.add_argument("names", nargs="+", help="zoo names")
@@ -225,7 +236,7 @@ def _names(text: str) -> list[str]:
 
 
 def _add_analyze(sub: Any) -> Any:
-    from contrans_tl.analysis.run import DEFAULT_ALPHAS, SWEEP_METHODS
+    from contrans_tl.pipelines.analysis import DEFAULT_ALPHAS, SWEEP_METHODS
 
     a = sub.add_parser(
         "analyze",
@@ -317,40 +328,39 @@ def _layer_sets(spec: str, n_layers: int) -> dict[str, list[int] | None]:
 
 
 def _analyze(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
-    from contrans_tl.analysis.run import check_analysis_args, run_analysis
+    import dataclasses
+
     from contrans_tl.data import EMOTIONS
+    from contrans_tl.pipelines.analysis import AnalysisConfig, run_analysis
     from contrans_tl.sites import check_layers, parse_layers
 
-    emotions = args.emotions if args.emotions is not None else list(EMOTIONS)
-    sizes = {
-        "n_map_texts": args.n_map_texts,
-        "n_similarity_texts": args.n_similarity_texts,
-        "similarity_max_gb": args.similarity_max_gb,
-        "n_refine": args.n_refine,
-        "n_fewshot": args.n_fewshot,
-        "n_per_emotion": args.n_per_emotion,
-        "n_sweep_negatives": args.n_sweep_negatives,
-        "n_ppl_texts": args.n_ppl_texts,
-        "n_norm_texts": args.n_norm_texts,
-        "top_k": args.top_k,
-        "top_tokens": args.top_tokens,
-        "max_ppl_ratio": args.max_ppl_ratio,
-        "batch_size": args.batch_size,
-    }
-    settings = {
-        "emotions": emotions,
-        "map_pairing": args.map_pairing,
-        "map_method": args.map_method,
-        "layer_match": args.layer_match,
-        "alphas": args.alphas,
-        "alpha": args.alpha,
-        "sweep_methods": args.sweep_methods,
-        "pca_emotion": args.pca_emotion,
-        **sizes,
-    }
     # everything that can be checked without the models, before loading them
     try:
-        check_analysis_args(**settings)
+        config = AnalysisConfig(
+            emotions=args.emotions if args.emotions is not None else EMOTIONS,
+            n_map_texts=args.n_map_texts,
+            map_pairing=args.map_pairing,
+            map_method=args.map_method,
+            layer_match=args.layer_match,
+            n_similarity_texts=args.n_similarity_texts,
+            similarity_max_gb=args.similarity_max_gb,
+            n_refine=args.n_refine,
+            n_fewshot=args.n_fewshot,
+            n_per_emotion=args.n_per_emotion,
+            n_sweep_negatives=args.n_sweep_negatives,
+            n_ppl_texts=args.n_ppl_texts,
+            n_norm_texts=args.n_norm_texts,
+            alphas=args.alphas,
+            alpha=args.alpha,
+            pca_layer=args.pca_layer,
+            pca_emotion=args.pca_emotion,
+            sweep_methods=args.sweep_methods,
+            top_k=args.top_k,
+            top_tokens=args.top_tokens,
+            max_ppl_ratio=args.max_ppl_ratio,
+            batch_size=args.batch_size,
+            seed=args.seed,
+        )
     except ValueError as e:
         raise _UsageError(str(e)) from None
     for option, spec in (("--layers", args.layers), ("--lens-layers", args.lens_layers)):
@@ -374,6 +384,7 @@ def _analyze(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
             raise _UsageError(f"--map {args.map!r}: {_one_line(str(e))}") from None
     _check_out(args.out)
     _check_names(("--source", args.source), ("--target", args.target))
+    _log_steps()
     target = _load("--target", args.target)
     source = _load("--source", args.source)
     n_tgt = int(target.cfg.n_layers)
@@ -389,18 +400,10 @@ def _analyze(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
             loaded_map.check_models(source, target)
         except (ValueError, OSError) as e:
             raise _UsageError(f"--map {args.map!r}: {e}") from None
-    res = run_analysis(
-        source,
-        target,
-        args.out,
-        map_path=args.map,
-        layer_sets=layer_sets,
-        layers_for_lens=lens,
-        pca_layer=args.pca_layer,
-        seed=args.seed,
-        command=_command_line(argv),
-        **settings,
+    config = dataclasses.replace(
+        config, map_path=args.map, layer_sets=layer_sets, layers_for_lens=lens
     )
+    res = run_analysis(source, target, config, args.out, command=_command_line(argv))
     for r in res["alpha_sweep"]["rows"]:
         ppl = "-" if r["ppl"] is None else f"{r['ppl']:.2f}"
         print(f"{r['series']:>32}  alpha={r['alpha']:<6g} token_acc={r['token_acc']:.3f} ppl={ppl}")
@@ -408,8 +411,22 @@ def _analyze(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     return 0
 
 
+def _log_steps() -> None:
+    """Show the pipelines' step messages (INFO) on stderr, unless logging is set up."""
+    import logging
+
+    log = logging.getLogger("contrans_tl")
+    if not log.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+
+
 def _emotion(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
-    from contrans_tl.evals.emotion_run import check_emotion_args, run_emotion_experiment
+    import dataclasses
+
+    from contrans_tl.pipelines.emotion import EmotionConfig, check_out_dir, run_emotion
     from contrans_tl.sites import parse_layers
 
     pairings = [x.strip() for x in args.pairings.split(",") if x.strip()]
@@ -417,26 +434,33 @@ def _emotion(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         parse_layers(args.layers, 10**6)  # syntax only; the range once the target is loaded
     except (ValueError, TypeError) as e:
         raise _UsageError(f"--layers: {e}") from None
-    sizes = {
-        "n_map_texts": args.n_map_texts,
-        "n_refine": args.n_refine,
-        "n_fewshot": args.n_fewshot,
-        "n_negatives": args.n_negatives,
-        "n_validation_negatives": args.n_validation_negatives,
-        "batch_size": args.batch_size,
-    }
     try:
-        check_emotion_args(
+        config = EmotionConfig(
             alphas=args.alphas,
-            pairings=pairings,
+            pairings=tuple(pairings),
             map_method=args.map_method,
+            n_map_texts=args.n_map_texts,
+            n_refine=args.n_refine,
+            n_fewshot=args.n_fewshot,
+            n_negatives=args.n_negatives,
+            n_validation_negatives=args.n_validation_negatives,
+            batch_size=args.batch_size,
             seed=args.seed,
-            **sizes,
+            include_self=not args.no_self,
+            include_random=not args.no_random,
         )
     except ValueError as e:
         raise _UsageError(str(e)) from None
     _check_out(args.out)
+    if args.cache_dir is not None:
+        if args.no_cache:
+            raise _UsageError("--cache-dir and --no-cache exclude each other; give one")
+        try:
+            check_out_dir(args.cache_dir, name="--cache-dir")
+        except (ValueError, OSError) as e:
+            raise _UsageError(str(e)) from None
     _check_names(("--source", args.source), ("--target", args.target))
+    _log_steps()
     target = _load("--target", args.target)
     source = _load("--source", args.source)
     n_tgt = int(target.cfg.n_layers)
@@ -444,19 +468,15 @@ def _emotion(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         layers = parse_layers(args.layers, n_tgt)
     except ValueError as e:
         raise _UsageError(f"--layers: {e} (target {args.target!r} has {n_tgt} layers)") from None
-    res = run_emotion_experiment(
+    if layers is not None:
+        config = dataclasses.replace(config, layers=tuple(layers))
+    res = run_emotion(
         source,
         target,
+        config,
         args.out,
-        alphas=args.alphas,
-        layers=layers,
-        pairings=pairings,
-        map_method=args.map_method,
-        seed=args.seed,
-        include_self=not args.no_self,
-        include_random=not args.no_random,
         command=_command_line(argv),
-        **sizes,
+        cache=False if args.no_cache else args.cache_dir,
     )
     for m, s in res["summary"].items():
         print(

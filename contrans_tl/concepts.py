@@ -10,6 +10,10 @@ Example:
     >>> v[12].shape       # the vector of block 12
     torch.Size([576])
     >>> v.save("vectors/happiness")  # happiness.safetensors + happiness.json
+
+Several concepts whose prompts overlap (e.g. each emotion's negatives are the other
+emotions' positives) are refined from one read of their distinct prompts with
+:func:`mean_differences`.
 """
 
 import dataclasses
@@ -28,7 +32,7 @@ from contrans_tl.models import model_provenance
 from contrans_tl.sites import RESID_POST, check_layers, layer_index
 from contrans_tl.tokens import check_texts
 
-__all__ = ["ConceptVector", "mean_difference", "check_fits_model"]
+__all__ = ["ConceptVector", "mean_difference", "mean_differences", "check_fits_model"]
 
 
 @dataclass
@@ -249,3 +253,109 @@ def mean_difference(
         method="mean_difference",
         metadata=meta,
     )
+
+
+def mean_differences(
+    model: Any,
+    concepts: Mapping[str, tuple[Sequence[str], Sequence[str]]],
+    *,
+    layers: Sequence[int] | None = None,
+    positions: Positions = "last",
+    batch_size: int = 16,
+    progress: bool | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> dict[str, ConceptVector]:
+    """Refine several concept vectors (paper Eq. 1) from one read of their distinct prompts.
+
+    The same as ``{c: mean_difference(model, pos, neg, concept=c, ...)}`` for every
+    ``c: (pos, neg)`` of ``concepts`` (same vectors and metadata, up to float rounding of
+    the batched forward passes), but a prompt that several concepts use, or one concept
+    uses twice, is run once: the six emotions' 1,200 refinement prompts are 600 distinct
+    texts. Each concept's means, and its ``metadata["resid_norms"]`` (mean residual norm
+    over *its* positive and negative prompts), count a prompt as often as that concept
+    lists it, as :func:`mean_difference` does.
+
+    Args:
+        model: a TransformerLens model with a tokenizer.
+        concepts: ``{name: (positive prompts, negative prompts)}``, at least one concept.
+        layers: blocks to refine at; ``None``: every block.
+        positions: where to read the states; the paper reads ``"last"``.
+        batch_size: prompts per forward pass.
+        progress: progress bar (``None``: automatic, on for more than 256 distinct prompts).
+        metadata: extra entries stored with every vector.
+
+    Returns:
+        ``{name: ConceptVector}`` in the order of ``concepts``.
+
+    Raises:
+        TypeError: ``concepts`` is not a mapping of names to ``(positive, negative)`` lists.
+        ValueError: no concepts, or a concept without a positive or a negative prompt.
+
+    Example:
+        >>> vs = mean_differences(model, {"fear": (fear, others), "anger": (anger, others)})
+        >>> vs["fear"][12].shape
+        torch.Size([576])
+    """
+    if not isinstance(concepts, Mapping):
+        raise TypeError(
+            f"concepts must be a mapping {{name: (positive, negative)}}, got "
+            f"{type(concepts).__name__}"
+        )
+    if not concepts:
+        raise ValueError("concepts is empty; give at least one {name: (positive, negative)}")
+    for name, pair in concepts.items():
+        if not isinstance(name, str):
+            raise TypeError(f"concept names must be str, got {type(name).__name__} {name!r}")
+        if isinstance(pair, (str, bytes)) or not isinstance(pair, Sequence) or len(pair) != 2:
+            raise TypeError(f"concepts[{name!r}] must be (positive, negative), got {pair!r:.80}")
+        check_texts(pair[0], f"concepts[{name!r}] positive")
+        check_texts(pair[1], f"concepts[{name!r}] negative")
+        if len(pair[0]) == 0 or len(pair[1]) == 0:
+            raise ValueError(
+                f"concept {name!r} needs at least one positive and one negative prompt, got "
+                f"{len(pair[0])} and {len(pair[1])}"
+            )
+    layer_list = check_layers(model, range(model.cfg.n_layers) if layers is None else layers)
+    distinct = list(dict.fromkeys(t for pos, neg in concepts.values() for t in (*pos, *neg)))
+    reads = read_resid_post(
+        model, distinct, layer_list, positions=positions, batch_size=batch_size, progress=progress
+    )
+    rows_of = _rows_by_text(reads.text_index, len(distinct))
+    where = {t: i for i, t in enumerate(distinct)}
+    provenance = model_provenance(model).to_dict()
+    states = {k: reads.states[k].double() for k in layer_list}
+    out = {}
+    for name, (positive, negative) in concepts.items():
+        pos_rows = torch.cat([rows_of[where[t]] for t in positive])
+        neg_rows = torch.cat([rows_of[where[t]] for t in negative])
+        both = torch.cat([pos_rows, neg_rows])
+        rows, norms = [], {}
+        for k in layer_list:
+            h = states[k]
+            rows.append((h[pos_rows].mean(0) - h[neg_rows].mean(0)).float())
+            norms[str(k)] = float(h[both].norm(dim=-1).mean())
+        meta = {
+            "n_positive": len(positive),
+            "n_negative": len(negative),
+            "positions": positions,
+            "resid_norms": norms,
+            **(dict(metadata) if metadata else {}),
+        }
+        out[name] = ConceptVector(
+            vectors=torch.stack(rows),
+            layers=tuple(layer_list),
+            model=dict(provenance),
+            concept=name,
+            method="mean_difference",
+            metadata=meta,
+        )
+    return out
+
+
+def _rows_by_text(text_index: Tensor, n_texts: int) -> list[Tensor]:
+    """For each text, the indices of its rows in a :class:`ResidReads` (rows in text order)."""
+    counts = torch.bincount(text_index, minlength=n_texts).tolist()
+    starts = [0]
+    for c in counts[:-1]:
+        starts.append(starts[-1] + c)
+    return [torch.arange(s, s + c) for s, c in zip(starts, counts)]

@@ -26,7 +26,6 @@ from typing import Any
 import contrans_tl as ct
 from contrans_tl.analysis import aggregate_shifts, token_shifts
 from contrans_tl.analysis.plots import write_shift_table
-from contrans_tl.analysis.run import default_lens_layers
 from contrans_tl.data import wikisplit_sentences
 from contrans_tl.evals.truthfulqa import (
     format_question,
@@ -34,6 +33,7 @@ from contrans_tl.evals.truthfulqa import (
     load_truthfulqa,
     split_questions,
 )
+from contrans_tl.pipelines.analysis import default_lens_layers
 
 ROOT = Path(__file__).resolve().parent / "results" / "analysis"
 

@@ -1,9 +1,11 @@
-"""run_analysis, the figures it writes and `contrans analyze`, end to end on tiny models.
+"""The analysis pipeline (AnalysisConfig, run_analysis), the figures it writes and
+`contrans analyze`, end to end on tiny models.
 
 Every figure must exist with its JSON, and the JSON must hold the numbers the analysis
 functions return for the same inputs (recomputed here directly).
 """
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -33,19 +35,19 @@ from contrans_tl.analysis.plots import (
     plot_vector_cosines,
     write_shift_table,
 )
-from contrans_tl.analysis.run import (
-    check_analysis_args,
-    default_lens_layers,
-    pick_alpha,
-    run_analysis,
-    similarity_layers,
-)
 from contrans_tl.cli import main
 from contrans_tl.concepts import ConceptVector
 from contrans_tl.data import EMOTIONS, emotion_scenarios, wikisplit_sentences
 from contrans_tl.evals.emotion import EmotionTask, negatives, score, split_scenarios
 from contrans_tl.evals.perplexity import perplexity
 from contrans_tl.maps import ResidualMap
+from contrans_tl.pipelines.analysis import (
+    AnalysisConfig,
+    default_lens_layers,
+    pick_alpha,
+    run_analysis,
+    similarity_layers,
+)
 from contrans_tl.steering import make_steering
 
 FIGURES = [
@@ -89,15 +91,12 @@ def _no_temp_files(folder: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def analysis(small_llama, small_gemma, tmp_path_factory):
     out = tmp_path_factory.mktemp("analysis")
-    res = run_analysis(
-        small_llama,
-        small_gemma,
-        out,
+    config = AnalysisConfig(
         layer_sets={"all": None, "1-3": [1, 2, 3]},
         sweep_methods=["transplanted", "random"],
-        verbose=False,
         **SMALL,
     )
+    res = run_analysis(small_llama, small_gemma, config, out, verbose=False)
     return out, res
 
 
@@ -268,7 +267,8 @@ def test_pca_json_is_before_after_pca_of_the_states(analysis, small_gemma):
 
 def test_run_analysis_refuses_bad_arguments(small_llama, small_gemma, tmp_path):
     def run(**kw):
-        return run_analysis(small_llama, small_gemma, tmp_path, verbose=False, **{**SMALL, **kw})
+        config = AnalysisConfig(**{**SMALL, **kw})
+        return run_analysis(small_llama, small_gemma, config, tmp_path, verbose=False)
 
     with pytest.raises(ValueError, match="out of range"):
         run(layers_for_lens=[9])
@@ -305,11 +305,57 @@ def test_run_analysis_refuses_bad_arguments(small_llama, small_gemma, tmp_path):
         ({"max_ppl_ratio": 0.5}, "max_ppl_ratio"),
         ({"n_refine": 400}, "needs at least"),
         ({"n_per_emotion": 150, "n_refine": 50}, "lower n_per_emotion"),
+        ({"ppl_max_length": 1}, "ppl_max_length must be >= 2"),
+        ({"layer_sets": {}}, "layer_sets is empty"),
+        ({"map_path": "m", "layer_match": "cka"}, "map_path loads a map with its own pairs"),
     ],
 )
-def test_check_analysis_args(kw, message):
+def test_analysis_config_refuses_bad_settings(kw, message):
     with pytest.raises(ValueError, match=message):
-        check_analysis_args(**kw)
+        AnalysisConfig(**kw)
+
+
+def test_analysis_config_is_frozen_normalised_and_documented():
+    config = AnalysisConfig(
+        emotions=["fear", "anger"],
+        alphas=[2, 0.5, 2.0],
+        sweep_methods=["self"],
+        layer_sets={"all": None, "mid": range(1, 3)},
+        layers_for_lens=[3, 1],
+    )
+    assert config.emotions == ("fear", "anger") and config.sweep_methods == ("self",)
+    assert config.alphas == (0.5, 2.0)
+    assert config.layer_sets == (("all", None), ("mid", (1, 2)))
+    assert config.layer_set_dict() == {"all": None, "mid": (1, 2)}
+    assert config.layers_for_lens == (3, 1)  # sorted and checked against the target later
+    assert AnalysisConfig(layer_sets=None).layer_sets == (("all", None),)
+    assert dataclasses.replace(config) == config and hash(dataclasses.replace(config)) == hash(
+        config
+    )
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.alpha = 2.0  # type: ignore[misc]
+    for f in dataclasses.fields(AnalysisConfig):
+        assert f.metadata.get("help"), f.name  # the CLI's help text
+
+
+def test_analysis_package_is_a_library():
+    # contrans_tl.analysis imports nothing from the evaluations or the pipelines
+    import ast
+
+    folder = Path(__file__).resolve().parents[1] / "contrans_tl" / "analysis"
+    assert not (folder / "run.py").exists()
+    for path in sorted(folder.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            for name in names:
+                assert not name.startswith(("contrans_tl.evals", "contrans_tl.pipelines")), (
+                    path.name,
+                    name,
+                )
 
 
 def test_similarity_layers_fit_the_budget():
@@ -541,7 +587,8 @@ def test_cli_end_to_end(folders, tmp_path, capsys, small_llama, small_gemma):
     assert res2["map"]["layer_pairs"] == res["map"]["layer_pairs"]
     assert not (out2 / "artifacts" / "residual_map.json").exists()
     with pytest.raises(ValueError, match="map's source side"):
-        run_analysis(small_llama, small_gemma, tmp_path / "run3", map_path=map_path, **SMALL)
+        config = AnalysisConfig(map_path=map_path, **SMALL)
+        run_analysis(small_llama, small_gemma, config, tmp_path / "run3")
 
 
 @pytest.mark.parametrize(
@@ -601,16 +648,13 @@ def test_layer_match_fits_the_map_on_the_similarity_matching(
     # layers get a map and the default lens layers must move onto mapped ones
     s_layers, t_layers = similarity_layers(3, 5, 48, 40, 0.0002)
     assert len(t_layers) < 5
-    res = run_analysis(
-        small_llama,
-        small_gemma,
-        tmp_path,
+    config = AnalysisConfig(
         layer_match=metric,
         similarity_max_gb=0.0002,
         sweep_methods=["transplanted"],
-        verbose=False,
         **{**SMALL, "alphas": [1.0]},
     )
+    res = run_analysis(small_llama, small_gemma, config, tmp_path, verbose=False)
     art = tmp_path / "artifacts"
     rmap = ResidualMap.load(art / "residual_map")
     matrix = "layer_similarity" if metric == "cka" else "layer_similarity_r2"

@@ -177,6 +177,8 @@ def test_cli_end_to_end_on_tiny_models(tmp_path, byte_tokenizer, meta_tokenizer)
             "last,word_ends",
             "--layers",
             "1-3",
+            "--cache-dir",
+            str(tmp_path / "cache"),  # not the user's result cache
         ]
     )
     assert code == 0

@@ -9,8 +9,12 @@
   (Figs. 2b, 7, 8), and separation scores (silhouette, linear-probe accuracy) per layer.
 
 Figures: :mod:`contrans_tl.analysis.plots` (matplotlib, PNG + the plotted numbers as
-JSON), imported only when used. One run of everything for an emotion transplant:
-:func:`contrans_tl.analysis.run.run_analysis` (`python -m contrans_tl analyze`).
+JSON), imported only when used.
+
+This package is a library of functions: it imports nothing from :mod:`contrans_tl.evals`
+or :mod:`contrans_tl.pipelines`. One run of everything for an emotion transplant is the
+pipeline :func:`contrans_tl.pipelines.analysis.run_analysis` (`python -m contrans_tl
+analyze`).
 
 Example:
     >>> from contrans_tl.analysis import aggregate_shifts, separation_by_layer, token_shifts

@@ -1,0 +1,931 @@
+"""The emotion transplant experiment as a pipeline (paper §4.1, Fig. 2a).
+
+Methods compared on the target model, for every α of a grid:
+    * ``base``: no steering (α = 0).
+    * ``contrans_<pairing>``: the source's emotion vector carried over by a map fitted
+      with that pairing (``last``: the paper's last-token pairs; ``word_ends``; ``all``).
+    * ``self``: the target's own mean-difference vector (same refinement prompts).
+    * ``random_<pairing>``: per layer, a random direction with the norm of the
+      transplanted vector of that layer (seeded), the reference for "any push of this size".
+
+α is picked per method on the validation negatives (mean Token Acc over emotions); each
+``random_<pairing>`` is run and reported only at the α picked for ``contrans_<pairing>``.
+The full α grid on the evaluation negatives is in the results for the other methods.
+
+Every setting is a field of :class:`EmotionConfig` (validated when it is made).
+:func:`run_emotion` runs named steps, each logged with its duration: refine the source
+vectors, fit the maps, transplant, refine the Self vectors, build the queries, score,
+pick α, write the results. Each emotion's negatives are the other emotions' positives, so
+the six emotions' 1,200 refinement prompts are 600 distinct texts: each model reads them
+once (:func:`contrans_tl.concepts.mean_differences`). Vectors, maps and predictions are
+kept in a result cache (:mod:`contrans_tl.pipelines.cache`) under keys hashing their
+inputs, so a repeated or interrupted run redoes only what it does not have.
+
+Example:
+    >>> config = EmotionConfig(alphas=(0.5, 1, 2), pairings=("word_ends",), n_map_texts=500)
+    >>> result = run_emotion(source, target, config, "runs/emotion")
+    >>> result["summary"]["contrans_word_ends"]["token_acc"]
+"""
+
+import contextlib
+import functools
+import logging
+import math
+import os
+import platform
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar, cast, get_args
+
+import torch
+from tqdm.auto import tqdm
+
+from contrans_tl.concepts import ConceptVector, mean_differences
+from contrans_tl.data import EMOTIONS, emotion_scenarios, wikisplit_sentences
+from contrans_tl.evals.emotion import (
+    EmotionSplit,
+    EmotionTask,
+    Predictions,
+    negatives,
+    refinement_prompts,
+    score,
+    split_scenarios,
+)
+from contrans_tl.io import load_artifact, save_artifact, write_json
+from contrans_tl.maps import PAIRINGS, MapMethod, Pairing, ResidualMap, fit_residual_map
+from contrans_tl.models import model_provenance
+from contrans_tl.pipelines.cache import ResultCache, model_fingerprint, open_cache, tensor_digest
+from contrans_tl.sites import check_layers, layer_index
+from contrans_tl.steering import make_steering
+
+__all__ = [
+    "EmotionConfig",
+    "N_VALIDATION",
+    "STEP_VERSIONS",
+    "FittedMap",
+    "Queries",
+    "check_minimums",
+    "check_out_dir",
+    "random_like",
+    "run_emotion",
+    "refine_source_vectors",
+    "fit_maps",
+    "transplant_vectors",
+    "refine_self_vectors",
+    "build_queries",
+    "score_base",
+    "score_method",
+    "pick_alphas",
+    "summarize",
+    "write_results",
+    "write_markdown",
+]
+
+log = logging.getLogger(__name__)
+
+N_VALIDATION = 20
+"""Validation scenarios per emotion (the negatives that pick α)."""
+
+STEP_VERSIONS = {"refine": 1, "fit_map": 1, "predict": 1}
+"""Version of each cached step; raise one when that step computes something else."""
+
+_MAP_METHODS = get_args(MapMethod)
+Row = dict[str, Any]
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------------------------
+# Settings
+# --------------------------------------------------------------------------------------------
+
+
+def check_out_dir(out_dir: str | os.PathLike[str], *, name: str = "out_dir") -> Path:
+    """Check that ``out_dir`` can be the output folder of a run, without creating it.
+
+    Fine: an existing writable folder (empty or not: files of the same names in it are
+    replaced), or a path that does not exist yet whose nearest existing ancestor is a
+    writable folder. Nothing is created here; a run creates the folder when it writes.
+
+    Args:
+        out_dir: the output folder.
+        name: what to call it in messages (``"--out"`` for the command line).
+
+    Returns:
+        ``out_dir`` as a :class:`~pathlib.Path` (``~`` expanded).
+
+    Raises:
+        ValueError: ``out_dir`` is empty.
+        NotADirectoryError: ``out_dir`` is an existing file, or lies under one.
+        PermissionError: the folder, or the nearest existing ancestor it would be created
+            in, is not writable.
+    """
+    if not str(os.fspath(out_dir)).strip():
+        raise ValueError(f"{name} is empty; give the folder to write the results into")
+    path = Path(out_dir).expanduser()
+    probe = path
+    while True:
+        try:
+            exists = probe.exists() or probe.is_symlink()
+        except OSError as e:
+            raise PermissionError(f"{name} {str(out_dir)!r}: cannot look at {probe}: {e}") from None
+        if exists or probe == probe.parent:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        where = "is an existing file" if probe == path else f"is under {probe}, which is a file"
+        raise NotADirectoryError(
+            f"{name} {str(out_dir)!r} {where}, not a folder; give a folder (existing, or new "
+            "under an existing folder)"
+        )
+    if not os.access(probe, os.W_OK | os.X_OK):
+        where = "is a folder" if probe == path else f"would be created in {probe}, a folder"
+        raise PermissionError(
+            f"{name} {str(out_dir)!r} {where} that this user cannot write to; give a "
+            "writable folder"
+        )
+    return path
+
+
+def check_minimums(minimum: Mapping[str, tuple[object, int]]) -> None:
+    """Check counts: ``{name: (value, lowest valid)}``; each must be an int ``>= lowest``.
+
+    Raises:
+        ValueError: naming the first count that is not an integer or is too small.
+    """
+    for name, (value, low) in minimum.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def _check_alphas(alphas: object) -> tuple[float, ...]:
+    if isinstance(alphas, (str, bytes)) or not isinstance(alphas, Sequence):
+        raise ValueError(f"alphas must be a list of strengths > 0, got {alphas!r}")
+    values = []
+    for a in alphas:
+        if isinstance(a, bool) or not isinstance(a, (int, float)):
+            raise ValueError(f"alphas must be real numbers, got {a!r} in {list(alphas)}")
+        values.append(float(a))
+    if not values:
+        raise ValueError("alphas is empty; give strengths > 0, e.g. 0.05,0.1,0.2 (0 is base)")
+    wrong = [a for a in values if not (math.isfinite(a) and a > 0)]
+    if wrong:
+        raise ValueError(
+            f"alphas must be finite numbers > 0 (alpha 0 is always run as the unsteered "
+            f"'base'), got {wrong}; e.g. 0.05,0.1,0.2"
+        )
+    return tuple(sorted(set(values)))
+
+
+def _check_pairings(pairings: object, map_method: object) -> tuple[Any, ...]:
+    if isinstance(pairings, str):
+        raise ValueError(f"pairings must be a list of pairings, got the string {pairings!r}")
+    if not isinstance(pairings, Sequence):
+        raise ValueError(f"pairings must be a non-empty list of {list(PAIRINGS)}, got {pairings!r}")
+    bad = [p for p in pairings if p not in PAIRINGS]
+    if bad or not pairings:
+        raise ValueError(
+            f"pairings must be a non-empty list of {list(PAIRINGS)}, got {list(pairings)}"
+        )
+    if len(set(pairings)) != len(pairings):
+        raise ValueError(f"pairings must be distinct, got {list(pairings)}")
+    if map_method not in _MAP_METHODS:
+        raise ValueError(f"map_method must be one of {list(_MAP_METHODS)}, got {map_method!r}")
+    return tuple(pairings)
+
+
+def _check_split_sizes(config: "EmotionConfig") -> None:
+    n_texts = len(wikisplit_sentences())
+    if config.n_map_texts > n_texts:
+        raise ValueError(
+            f"n_map_texts must be at most {n_texts} (the WikiSplit sentences there are), "
+            f"got {config.n_map_texts}"
+        )
+    n_fewshot, n_refine = config.n_fewshot, config.n_refine
+    have = min(len(v) for v in emotion_scenarios().values())
+    if n_fewshot + n_refine + N_VALIDATION + 1 > have:
+        raise ValueError(
+            f"n_refine={n_refine} with n_fewshot={n_fewshot} leaves no evaluation scenarios: "
+            f"the smallest emotion has {have} scenarios for few-shot + refinement + "
+            f"{N_VALIDATION} validation + at least 1 evaluation; n_refine can be at most "
+            f"{have - n_fewshot - N_VALIDATION - 1} with this n_fewshot"
+        )
+    split = config.split()
+    for part, n, name in (
+        ("validation", config.n_validation_negatives, "n_validation_negatives"),
+        ("evaluation", config.n_negatives, "n_negatives"),
+    ):
+        pool = getattr(split, part)
+        have = min(sum(len(pool[o]) for o in EMOTIONS if o != e) for e in EMOTIONS)
+        if n > have:
+            raise ValueError(
+                f"{name} must be at most {have} (the {part} scenarios of the other emotions "
+                f"with n_fewshot={n_fewshot}, n_refine={n_refine}), got {n}"
+            )
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass(frozen=True)
+class EmotionConfig:
+    """Every setting of the emotion experiment, validated when made.
+
+    Sequences are stored as tuples, ``alphas`` sorted and without duplicates; ``layers``
+    are checked as indices here, and against the target when the experiment runs.
+    ``pairings`` are :data:`~contrans_tl.maps.Pairing` names and ``map_method`` a
+    :data:`~contrans_tl.maps.MapMethod` (checked here, so typed as ``str``).
+
+    Raises:
+        ValueError: a setting out of range, naming it and what would be valid.
+    """
+
+    alphas: Sequence[float] = field(
+        default=(0.05, 0.1, 0.2, 0.4, 0.8),
+        metadata=_help("strengths (finite, > 0); alpha 0 is always run as the 'base' row"),
+    )
+    layers: Sequence[int] | None = field(
+        default=None, metadata=_help("target layers to steer (None: all of them, as the paper)")
+    )
+    pairings: Sequence[str] = field(
+        default=("last", "word_ends"),
+        metadata=_help(
+            "map pairings to compare, each a contrans_<pairing> method: last, word_ends, all, auto"
+        ),
+    )
+    map_method: str = field(default="svd", metadata=_help("map fit: 'svd' (the paper) or 'ridge'"))
+    n_map_texts: int = field(
+        default=2000, metadata=_help("WikiSplit sentences for the maps (a tenth held out for R²)")
+    )
+    n_refine: int = field(
+        default=100, metadata=_help("refinement scenarios per emotion (and as many negatives)")
+    )
+    n_fewshot: int = field(
+        default=3, metadata=_help("solved examples per emotion in the few-shot prefix")
+    )
+    n_negatives: int = field(default=50, metadata=_help("evaluation negatives per emotion"))
+    n_validation_negatives: int = field(
+        default=30, metadata=_help("validation negatives per emotion (they pick alpha)")
+    )
+    batch_size: int = field(default=16, metadata=_help("prompts per forward pass"))
+    seed: int = field(
+        default=0, metadata=_help("seeds the splits, held-out texts and random directions")
+    )
+    include_self: bool = field(
+        default=True, metadata=_help("add the Self reference (the target's own vectors)")
+    )
+    include_random: bool = field(
+        default=True, metadata=_help("add the random_<pairing> references (same norms)")
+    )
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "alphas", _check_alphas(self.alphas))
+        if self.layers is not None:
+            check_layers(10**6, self.layers)  # indices only; the range once the target is known
+            object.__setattr__(self, "layers", tuple(layer_index(k) for k in self.layers))
+        object.__setattr__(self, "pairings", _check_pairings(self.pairings, self.map_method))
+        check_minimums(
+            {
+                "n_map_texts": (self.n_map_texts, 10),
+                "n_refine": (self.n_refine, 1),
+                "n_fewshot": (self.n_fewshot, 1),
+                "n_negatives": (self.n_negatives, 1),
+                "n_validation_negatives": (self.n_validation_negatives, 1),
+                "batch_size": (self.batch_size, 1),
+            }
+        )
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        for name in ("include_self", "include_random"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        _check_split_sizes(self)
+
+    def split(self) -> EmotionSplit:
+        """The scenario split these settings cut (seeded)."""
+        return split_scenarios(
+            emotion_scenarios(),
+            n_fewshot=self.n_fewshot,
+            n_refine=self.n_refine,
+            n_validation=N_VALIDATION,
+            seed=self.seed,
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _timed(step: str, seconds: dict[str, float]) -> Iterator[None]:
+    log.info("%s ...", step)
+    t = time.perf_counter()
+    yield
+    seconds[step] = round(time.perf_counter() - t, 2)
+    log.info("%s: done in %.1f s", step, seconds[step])
+
+
+def _cached(
+    cache: ResultCache | None,
+    step: str,
+    inputs: Mapping[str, Any],
+    compute: Callable[[], T],
+    save: Callable[[T, Path], None],
+    load: Callable[[Path], T],
+) -> tuple[T, bool]:
+    if cache is None:
+        return compute(), False
+    return cache.get_or_compute(step, STEP_VERSIONS[step], inputs, compute, save=save, load=load)
+
+
+def random_like(vector: ConceptVector, seed: int) -> ConceptVector:
+    """Random directions with the same per-layer norms as ``vector`` (seeded)."""
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randn(vector.vectors.shape, generator=g)
+    r = r / r.norm(dim=-1, keepdim=True) * vector.vectors.norm(dim=-1, keepdim=True)
+    meta = dict(vector.metadata)
+    meta.update({"random_seed": seed, "norms_of": vector.method})
+    return vector.replace(vectors=r, method="random", metadata=meta)
+
+
+def _save_vectors(vectors: Mapping[str, ConceptVector], folder: Path) -> None:
+    for name, v in vectors.items():
+        v.save(folder / name)
+
+
+def _vector_loader(names: Sequence[str]) -> Callable[[Path], dict[str, ConceptVector]]:
+    def load(folder: Path) -> dict[str, ConceptVector]:
+        return {name: ConceptVector.load(folder / name) for name in names}
+
+    return load
+
+
+# --------------------------------------------------------------------------------------------
+# Steps
+# --------------------------------------------------------------------------------------------
+
+
+def _refine(
+    model: Any,
+    fingerprint: Mapping[str, Any],
+    prompts: Mapping[str, tuple[list[str], list[str]]],
+    config: EmotionConfig,
+    cache: ResultCache | None,
+) -> dict[str, ConceptVector]:
+    inputs = {
+        "model": dict(fingerprint),
+        "prompts": {e: [list(p), list(n)] for e, (p, n) in prompts.items()},
+        "layers": "all",
+        "positions": "last",
+        "batch_size": config.batch_size,
+    }
+    vectors, hit = _cached(
+        cache,
+        "refine",
+        inputs,
+        lambda: mean_differences(model, prompts, batch_size=config.batch_size),
+        _save_vectors,
+        _vector_loader(list(prompts)),
+    )
+    if hit:
+        log.info("vectors of %s from the result cache", fingerprint.get("model_id"))
+    return dict(vectors)
+
+
+def refine_source_vectors(
+    source: Any,
+    fingerprint: Mapping[str, Any],
+    prompts: Mapping[str, tuple[list[str], list[str]]],
+    config: EmotionConfig,
+    cache: ResultCache | None,
+) -> dict[str, ConceptVector]:
+    """Step 1 (Eq. 1): one mean-difference vector per emotion in the source model.
+
+    The distinct refinement prompts are read once (:func:`mean_differences`).
+    """
+    return _refine(source, fingerprint, prompts, config, cache)
+
+
+@dataclass(frozen=True)
+class FittedMap:
+    """A fitted map, the seconds this run spent on it, and whether it came from the cache."""
+
+    rmap: ResidualMap
+    seconds: float
+    cached: bool
+
+    def info(self) -> dict[str, Any]:
+        """The map's entry in ``results.json["maps"]``."""
+        return {
+            "pairing": self.rmap.pairing,
+            "method": self.rmap.method,
+            "info": self.rmap.info,
+            "seconds": self.seconds,
+            "cached": self.cached,
+            "metrics": {str(k): v for k, v in self.rmap.metrics.items()},
+            "layer_pairs": self.rmap.layer_pairs,
+        }
+
+
+def fit_maps(
+    source: Any,
+    target: Any,
+    fingerprints: tuple[Mapping[str, Any], Mapping[str, Any]],
+    config: EmotionConfig,
+    cache: ResultCache | None,
+) -> dict[str, FittedMap]:
+    """Step 2 (Eq. 2): one residual map per pairing, on ``n_map_texts`` WikiSplit sentences."""
+    texts = wikisplit_sentences(config.n_map_texts)
+    out = {}
+    for p in config.pairings:
+        log.info("fitting maps, pairing=%s, %d texts", p, len(texts))
+        t = time.perf_counter()
+        inputs = {
+            "source": dict(fingerprints[0]),
+            "target": dict(fingerprints[1]),
+            "texts": texts,
+            "pairing": p,
+            "method": config.map_method,
+            "batch_size": config.batch_size,
+            "seed": config.seed,
+            "fit_defaults": {"ridge": 1e-3, "heldout_fraction": 0.1, "max_length": 128},
+        }
+        fit = functools.partial(
+            fit_residual_map,
+            source,
+            target,
+            texts,
+            pairing=cast(Pairing, p),
+            method=cast(MapMethod, config.map_method),
+            batch_size=config.batch_size,
+            seed=config.seed,
+        )
+        rmap, hit = _cached(cache, "fit_map", inputs, fit, _save_map, _load_map)
+        if hit:
+            log.info("map (pairing=%s) from the result cache", p)
+        out[p] = FittedMap(rmap, round(time.perf_counter() - t, 1), hit)
+    return out
+
+
+def _save_map(rmap: ResidualMap, folder: Path) -> None:
+    rmap.save(folder / "map")
+
+
+def _load_map(folder: Path) -> ResidualMap:
+    return ResidualMap.load(folder / "map")
+
+
+def transplant_vectors(
+    maps: Mapping[str, FittedMap],
+    source_vectors: Mapping[str, ConceptVector],
+    config: EmotionConfig,
+) -> dict[str, dict[str, ConceptVector]]:
+    """Step 3: ``contrans_<pairing>`` vectors (``v F``) and, if asked, their random controls."""
+    vectors: dict[str, dict[str, ConceptVector]] = {}
+    for p, fitted in maps.items():
+        moved = {e: fitted.rmap.transplant(source_vectors[e]) for e in EMOTIONS}
+        vectors[f"contrans_{p}"] = moved
+        if config.include_random:
+            vectors[f"random_{p}"] = {
+                e: random_like(moved[e], config.seed * 100 + j) for j, e in enumerate(EMOTIONS)
+            }
+    return vectors
+
+
+def refine_self_vectors(
+    target: Any,
+    fingerprint: Mapping[str, Any],
+    prompts: Mapping[str, tuple[list[str], list[str]]],
+    config: EmotionConfig,
+    cache: ResultCache | None,
+) -> dict[str, ConceptVector]:
+    """Step 4: the target's own vectors (Self), from the same refinement prompts."""
+    return _refine(target, fingerprint, prompts, config, cache)
+
+
+@dataclass(frozen=True)
+class Queries:
+    """The target's few-shot task and the token ids of each emotion's negatives."""
+
+    task: EmotionTask
+    validation: dict[str, list[list[int]]]
+    evaluation: dict[str, list[list[int]]]
+
+    def part(self, name: str) -> dict[str, list[list[int]]]:
+        """The queries of ``"validation"`` or ``"evaluation"``."""
+        return self.validation if name == "validation" else self.evaluation
+
+
+def build_queries(target: Any, split: EmotionSplit, config: EmotionConfig) -> Queries:
+    """Step 5: the few-shot prefix, the emotion tokens, and the negatives as token ids."""
+    task = EmotionTask.build(target, split)
+    parts = {}
+    for part, n in (
+        ("validation", config.n_validation_negatives),
+        ("evaluation", config.n_negatives),
+    ):
+        parts[part] = {e: task.query_ids(target, negatives(split, e, n, part)) for e in EMOTIONS}
+    return Queries(task, parts["validation"], parts["evaluation"])
+
+
+def _save_predictions(preds: Mapping[str, Predictions], folder: Path) -> None:
+    tensors = {}
+    for name, p in preds.items():
+        tensors[f"{name}.top_token"] = p.top_token
+        tensors[f"{name}.emotion_logits"] = p.emotion_logits
+    save_artifact(
+        folder / "predictions", tensors, {"kind": "emotion_predictions", "names": list(preds)}
+    )
+
+
+def _load_predictions(folder: Path) -> dict[str, Predictions]:
+    tensors, meta = load_artifact(folder / "predictions", kind="emotion_predictions")
+    return {
+        n: Predictions(tensors[f"{n}.top_token"], tensors[f"{n}.emotion_logits"])
+        for n in meta["names"]
+    }
+
+
+def _predict_all(
+    target: Any,
+    fingerprint: Mapping[str, Any],
+    queries: Queries,
+    jobs: Mapping[str, tuple[list[list[int]], ConceptVector | None, float]],
+    layers: list[int] | None,
+    config: EmotionConfig,
+    cache: ResultCache | None,
+) -> dict[str, Predictions]:
+    """Predictions of named jobs ``{name: (query ids, vector or None, alpha)}``, cached."""
+    task = queries.task
+    inputs = {
+        "target": dict(fingerprint),
+        "prefix_ids": task.prefix_ids,
+        "emotion_ids": task.emotion_ids,
+        "layers": layers,
+        "batch_size": config.batch_size,
+        "jobs": {
+            name: {
+                "queries": q,
+                "vector": None if v is None else [tensor_digest(v.vectors), list(v.layers)],
+                "alpha": a,
+            }
+            for name, (q, v, a) in jobs.items()
+        },
+    }
+
+    def compute() -> dict[str, Predictions]:
+        out = {}
+        for name, (q, v, a) in tqdm(jobs.items(), desc="predicting", leave=False):
+            steering = None if v is None else make_steering(target, v, a, layers=layers)
+            out[name] = task.predict(target, q, steering=steering, batch_size=config.batch_size)
+        return out
+
+    preds, hit = _cached(cache, "predict", inputs, compute, _save_predictions, _load_predictions)
+    if hit:
+        log.info("predictions of %s from the result cache", ", ".join(jobs))
+    return dict(preds)
+
+
+def score_base(
+    target: Any,
+    fingerprint: Mapping[str, Any],
+    queries: Queries,
+    config: EmotionConfig,
+    cache: ResultCache | None,
+) -> list[Row]:
+    """Step 6a: the unsteered target on validation and evaluation negatives (α = 0).
+
+    Unsteered, a query's prediction does not depend on the emotion it is scored against,
+    and each emotion's negatives are scenarios of the other five: the distinct queries
+    (a fifth of them) are run once, in one pass after one prefill of the prefix.
+    """
+    parts = ("validation", "evaluation")
+    distinct = list(
+        dict.fromkeys(tuple(q) for part in parts for e in EMOTIONS for q in queries.part(part)[e])
+    )
+    jobs = {"base": ([list(q) for q in distinct], None, 0.0)}
+    pred = _predict_all(target, fingerprint, queries, jobs, None, config, cache)["base"]
+    where = {q: i for i, q in enumerate(distinct)}
+    rows = []
+    for part in parts:
+        for e in EMOTIONS:
+            idx = torch.tensor([where[tuple(q)] for q in queries.part(part)[e]], dtype=torch.long)
+            sub = Predictions(pred.top_token[idx], pred.emotion_logits[idx])
+            s = score(sub, e, queries.task.emotion_ids)
+            rows.append({"split": part, "method": "base", "emotion": e, "alpha": 0.0, **s})
+    return rows
+
+
+def score_method(
+    target: Any,
+    fingerprint: Mapping[str, Any],
+    queries: Queries,
+    method: str,
+    vectors: Mapping[str, ConceptVector],
+    alphas: Sequence[float],
+    layers: list[int] | None,
+    config: EmotionConfig,
+    cache: ResultCache | None,
+) -> list[Row]:
+    """Step 6b: one steering method at each α, on validation + evaluation negatives."""
+    log.info("scoring %s over alphas %s", method, list(alphas))
+    rows = []
+    for a in alphas:
+        jobs = {e: (queries.validation[e] + queries.evaluation[e], vectors[e], a) for e in EMOTIONS}
+        preds = _predict_all(target, fingerprint, queries, jobs, layers, config, cache)
+        for e in EMOTIONS:
+            n_val = len(queries.validation[e])
+            for part, sl in (("validation", slice(0, n_val)), ("evaluation", slice(n_val, None))):
+                sub = Predictions(preds[e].top_token[sl], preds[e].emotion_logits[sl])
+                s = score(sub, e, queries.task.emotion_ids)
+                rows.append({"split": part, "method": method, "emotion": e, "alpha": a, **s})
+    return rows
+
+
+def _mean(rows: Sequence[Row], split: str, method: str, alpha: float, key: str) -> float:
+    vals = [
+        r[key]
+        for r in rows
+        if r["split"] == split and r["method"] == method and r["alpha"] == alpha
+    ]
+    return sum(vals) / len(vals)
+
+
+def pick_alphas(
+    rows: Sequence[Row], methods: Sequence[str], alphas: Sequence[float]
+) -> dict[str, float]:
+    """Step 7: per method, the α of the highest mean validation Token Acc (ties: smallest α).
+
+    A ``random_<pairing>`` method gets the α picked for ``contrans_<pairing>``.
+    """
+    selected = {}
+    for m in methods:
+        if not m.startswith("random_"):
+            selected[m] = max(
+                alphas, key=lambda a: (_mean(rows, "validation", m, a, "token_acc"), -a)
+            )
+    for m in methods:
+        if m.startswith("random_"):
+            selected[m] = selected["contrans_" + m[len("random_") :]]
+    return selected
+
+
+def summarize(
+    rows: Sequence[Row],
+    selected: Mapping[str, float],
+    vectors: Mapping[str, Mapping[str, ConceptVector]],
+) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
+    """Mean Token/Logit Acc on the evaluation negatives at each method's α, and the cosine
+    of each transplanted vector with the Self vector of the same emotion, per layer."""
+    summary = {}
+    for m, a in {"base": 0.0, **selected}.items():
+        summary[m] = {
+            "alpha": a,
+            "token_acc": _mean(rows, "evaluation", m, a, "token_acc"),
+            "logit_acc": _mean(rows, "evaluation", m, a, "logit_acc"),
+        }
+    cosines: dict[str, Any] = {}
+    if "self" in vectors:
+        for m in vectors:
+            if m.startswith("contrans_"):
+                cosines[m] = {
+                    e: {
+                        str(k): float(
+                            torch.nn.functional.cosine_similarity(
+                                vectors[m][e][k], vectors["self"][e][k], dim=0
+                            )
+                        )
+                        for k in vectors[m][e].layers
+                    }
+                    for e in EMOTIONS
+                }
+    return summary, cosines
+
+
+def write_results(out: Path, result: Mapping[str, Any]) -> None:
+    """Step 8: ``results.json`` and ``results.md`` in ``out`` (created; each written atomically)."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "results.json", result)
+    md = out / "results.md"
+    tmp = out / ".results.md.tmp"
+    tmp.write_text(write_markdown(result))
+    os.replace(tmp, md)
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+
+
+def _protocol(
+    config: EmotionConfig,
+    layers: list[int] | None,
+    split: EmotionSplit,
+    prompts: Mapping[str, tuple[list[str], list[str]]],
+    task: EmotionTask,
+) -> dict[str, Any]:
+    return {
+        "split_sizes": split.sizes(),
+        "seed": config.seed,
+        "n_negatives_per_emotion": config.n_negatives,
+        "n_validation_negatives_per_emotion": config.n_validation_negatives,
+        "refine_template": prompts["fear"][0][0].split("Scenario:")[0] + "Scenario: {s}...",
+        "few_shot_prefix": task.prefix_text,
+        "emotion_token_ids": dict(zip(EMOTIONS, task.emotion_ids)),
+        "steered_layers": "all" if layers is None else list(layers),
+        "positions": "all (prefix, query)",
+        "alphas": list(config.alphas),
+        "alpha_selection": "max mean Token Acc on validation negatives; random_* at the "
+        "alpha selected for the matching contrans_*",
+        "map_method": config.map_method,
+        "n_map_texts": config.n_map_texts,
+    }
+
+
+def run_emotion(
+    source: Any,
+    target: Any,
+    config: EmotionConfig,
+    out_dir: str | os.PathLike[str],
+    *,
+    command: str | None = None,
+    cache: Any = None,
+) -> dict[str, Any]:
+    """Refine, reformulate and transplant emotion vectors; score them on the target.
+
+    Args:
+        source: the model the vectors come from (weak, aligned).
+        target: the model they are added to.
+        config: the settings (:class:`EmotionConfig`).
+        out_dir: where results.json and results.md go (created when they are written;
+            checked first with :func:`check_out_dir`).
+        command: the command line, recorded in the results.
+        cache: the result cache: ``None`` (default) or ``True``: ``cache_dir()/results``;
+            ``False``: off; a folder; or a :class:`~contrans_tl.pipelines.cache.ResultCache`.
+
+    Returns:
+        The dict written to ``results.json`` (its ``step_seconds``: each step's duration).
+
+    Raises:
+        TypeError: ``config`` is not an :class:`EmotionConfig`, or ``cache`` is invalid.
+        ValueError: a layer the target does not have; raised before any work.
+        NotADirectoryError, PermissionError: ``out_dir`` cannot be written.
+    """
+    t0 = time.time()
+    if not isinstance(config, EmotionConfig):
+        raise TypeError(f"config must be an EmotionConfig, got {type(config).__name__}")
+    out = check_out_dir(out_dir)
+    layers = None if config.layers is None else check_layers(target, config.layers)
+    store = open_cache(cache)
+    split = config.split()
+    log.info("split sizes %s (evaluation)", split.sizes()["evaluation"])
+    prompts = {e: refinement_prompts(split, e) for e in EMOTIONS}
+    steps: dict[str, float] = {}
+    with _timed("fingerprint models", steps):
+        fps = (model_fingerprint(source), model_fingerprint(target))
+    with _timed("refine source vectors", steps):
+        src_vecs = refine_source_vectors(source, fps[0], prompts, config, store)
+    with _timed("fit maps", steps):
+        maps = fit_maps(source, target, fps, config, store)
+    with _timed("transplant", steps):
+        vectors = transplant_vectors(maps, src_vecs, config)
+    if config.include_self:
+        with _timed("refine self vectors", steps):
+            vectors["self"] = refine_self_vectors(target, fps[1], prompts, config, store)
+    with _timed("build queries", steps):
+        queries = build_queries(target, split, config)
+    with _timed("score", steps):
+        rows = score_base(target, fps[1], queries, config, store)
+        for m in [m for m in vectors if not m.startswith("random_")]:
+            rows += score_method(
+                target, fps[1], queries, m, vectors[m], config.alphas, layers, config, store
+            )
+    with _timed("pick alpha", steps):
+        selected = pick_alphas(rows, list(vectors), config.alphas)
+    for m in [m for m in vectors if m.startswith("random_")]:
+        with _timed(f"score {m} at the picked alpha", steps):
+            rows += score_method(
+                target, fps[1], queries, m, vectors[m], [selected[m]], layers, config, store
+            )
+    summary, cosines = summarize(rows, selected, vectors)
+    result = {
+        "experiment": "emotion transplant (ConTrans paper section 4.1, Fig. 2a)",
+        "command": command,
+        "source": model_provenance(source).to_dict(),
+        "target": model_provenance(target).to_dict(),
+        "config": asdict(config),
+        "protocol": _protocol(config, layers, split, prompts, queries.task),
+        "maps": {p: m.info() for p, m in maps.items()},
+        "selected_alpha": selected,
+        "summary": summary,
+        "cosine_transplanted_vs_self": cosines,
+        "rows": rows,
+        "seconds": round(time.time() - t0, 1),
+        "step_seconds": steps,
+        "cache": None if store is None else str(store.folder),
+        "machine": {
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        },
+    }
+    write_results(out, result)
+    log.info("done in %s s -> %s", result["seconds"], out / "results.md")
+    return result
+
+
+def write_markdown(result: Mapping[str, Any]) -> str:
+    """Render results.json as Markdown tables."""
+    rows = result["rows"]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    alphas = sorted({r["alpha"] for r in rows if r["alpha"] > 0})
+    ev = [r for r in rows if r["split"] == "evaluation"]
+
+    def mean(method: str, alpha: float, key: str) -> str:
+        v = [r[key] for r in ev if r["method"] == method and r["alpha"] == alpha]
+        return f"{sum(v) / len(v):.3f}" if v else "-"
+
+    def alpha_table(title: str, key: str, with_base: bool) -> list[str]:
+        lines = [
+            "",
+            f"## {title} for every α (evaluation negatives)",
+            "",
+            "| method | " + " | ".join(f"α={a:g}" for a in alphas) + " |",
+            "| --- |" + " ---: |" * len(alphas),
+        ]
+        if with_base:
+            lines.append(
+                "| base (α=0) | " + " | ".join([mean("base", 0.0, key)] * len(alphas)) + " |"
+            )
+        for m in methods:
+            if m != "base":
+                lines.append(f"| {m} | " + " | ".join(mean(m, a, key) for a in alphas) + " |")
+        return lines
+
+    n_neg = result["protocol"]["n_negatives_per_emotion"]
+    lines = [
+        f"# Emotion transplant: {result['source']['model_id']} → {result['target']['model_id']}",
+        "",
+        f"Command: `{result.get('command')}`",
+        "",
+        f"Negatives: {n_neg} evaluation scenarios per emotion (other emotions' scenarios, "
+        "never used for refinement, few-shot or α selection). Token Acc: greedy next token is "
+        "the emotion; Logit Acc: the emotion wins among the six. Means over the six emotions.",
+        "",
+        "## Summary (α picked on validation negatives)",
+        "",
+        "| method | α | Token Acc | Logit Acc |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for m, s in result["summary"].items():
+        lines.append(f"| {m} | {s['alpha']:g} | {s['token_acc']:.3f} | {s['logit_acc']:.3f} |")
+    lines += alpha_table("Token Acc", "token_acc", True)
+    lines += alpha_table("Logit Acc", "logit_acc", False)
+    lines += _per_emotion_table(result["summary"], ev)
+    lines += _maps_table(result["maps"])
+    lines.append("")
+    lines.append(f"Run time: {result['seconds']} s on {result['machine']['platform']}.")
+    return "\n".join(lines) + "\n"
+
+
+def _per_emotion_table(summary: Mapping[str, Any], ev: Sequence[Row]) -> list[str]:
+    lines = [
+        "",
+        "## Per emotion at the selected α (Token Acc / Logit Acc)",
+        "",
+        "| method | " + " | ".join(EMOTIONS) + " |",
+        "| --- |" + " ---: |" * len(EMOTIONS),
+    ]
+    for m, s in summary.items():
+        cells = []
+        for e in EMOTIONS:
+            r = [
+                x for x in ev if x["method"] == m and x["alpha"] == s["alpha"] and x["emotion"] == e
+            ]
+            cells.append(f"{r[0]['token_acc']:.2f} / {r[0]['logit_acc']:.2f}" if r else "-")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _maps_table(maps: Mapping[str, Any]) -> list[str]:
+    lines = [
+        "",
+        "## Maps (held-out WikiSplit sentences)",
+        "",
+        "| pairing | train pairs | mean R² (own pairs) | mean R² (last token) | "
+        "mean cos (last token) |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for p, info in maps.items():
+        mets = list(info["metrics"].values())
+        if mets:
+            r2 = sum(m["r2"] for m in mets) / len(mets)
+            r2l = sum(m["r2_last"] for m in mets) / len(mets)
+            cl = sum(m["cosine_last"] for m in mets) / len(mets)
+            lines.append(
+                f"| {p} | {info['info']['n_pairs_train']} | {r2:.3f} | {r2l:.3f} | {cl:.3f} |"
+            )
+    return lines
