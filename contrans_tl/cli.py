@@ -159,11 +159,11 @@ def _load(option: str, name: str) -> Any:
         raise _UsageError(f"{option} {name!r}: {e}") from None
 
 
-def _check_out(out: str) -> None:
+def _check_out(out: str, name: str = "--out") -> None:
     from contrans_tl.evals.emotion_run import check_out_dir
 
     try:
-        check_out_dir(out, name="--out")
+        check_out_dir(out, name=name)
     except (ValueError, OSError) as e:
         raise _UsageError(str(e)) from None
 
@@ -426,7 +426,7 @@ def _log_steps() -> None:
 def _emotion(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     import dataclasses
 
-    from contrans_tl.pipelines.emotion import EmotionConfig, check_out_dir, run_emotion
+    from contrans_tl.pipelines.emotion import EmotionConfig, run_emotion
     from contrans_tl.sites import parse_layers
 
     pairings = [x.strip() for x in args.pairings.split(",") if x.strip()]
@@ -455,10 +455,7 @@ def _emotion(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     if args.cache_dir is not None:
         if args.no_cache:
             raise _UsageError("--cache-dir and --no-cache exclude each other; give one")
-        try:
-            check_out_dir(args.cache_dir, name="--cache-dir")
-        except (ValueError, OSError) as e:
-            raise _UsageError(str(e)) from None
+        _check_out(args.cache_dir, name="--cache-dir")
     _check_names(("--source", args.source), ("--target", args.target))
     _log_steps()
     target = _load("--target", args.target)
