@@ -101,7 +101,7 @@ def ct_worker(args: argparse.Namespace) -> dict[str, Any]:
             tl,
             ps,
             max_new_tokens=new,
-            steering=steerings[variant],
+            intervention=steerings[variant],
             stop_at_eos=False,
             batch_size=args.batch_size,
             decode=False,

@@ -11,11 +11,11 @@
   e.g. Gemma 2's final logit soft-cap), so they equal the model's own logits there.
 * :func:`prefill_cache` and :func:`repeat_cache`: a shared prefix's KV cache, computed
   once without logits and repeated for every row of a batch.
-* :class:`Forward`: the only code that tells position-aware steering hooks where the
-  prompt and the generated tokens of each pass are. It attaches a steering for a block
-  (through :func:`contrans_tl.steering.steering_session`), and each of its passes sets
-  the steering's position state (``offset``, ``attention_mask``, ``prompt_length``)
-  first; evaluations call it and never touch that state.
+* :class:`Forward`: the only code that tells position-aware hooks (a steering's) where
+  the prompt and the generated tokens of each pass are. It enters an intervention for a
+  block, and each of its passes sets the intervention's position states (``offset``,
+  ``attention_mask``, ``prompt_length``) first; evaluations call it and never touch
+  that state.
 
 Example:
     >>> pad = pad_token_id(model.tokenizer, model.cfg.d_vocab)
@@ -39,7 +39,7 @@ from torch import Tensor
 from contrans_tl.sites import model_device
 
 if TYPE_CHECKING:  # steering imports concepts, which read activations through this module
-    import contrans_tl.steering
+    import contrans_tl.interventions
 
 __all__ = [
     "Batch",
@@ -370,21 +370,24 @@ def repeat_cache(cache: Any, rows: Int[Tensor, " n"]) -> Any:
 
 
 class Forward:
-    """Forward passes over one model that tell a steering where their tokens are.
+    """Forward passes over one model, under an intervention that is told where tokens are.
 
-    Inside ``with Forward(model, steering) as fwd:`` the steering is attached (counted:
-    one the caller attached stays attached after the block) and each pass first sets its
-    position state: ``offset`` (absolute position of the pass's first token, the cache
-    length), ``attention_mask`` (``[batch, offset + pos]``) and ``prompt_length`` (padded
-    prompt length; positions from it on are generated; ``None``: all prompt). The state
-    is reset when the block ends. Without a steering the passes need no ``with``.
+    Inside ``with Forward(model, intervention) as fwd:`` the intervention is entered
+    (counted: one the caller entered stays in force after the block), and each pass first
+    sets the position state of its position-aware hooks
+    (:func:`contrans_tl.interventions.position_states`, e.g. a steering's): ``offset``
+    (absolute position of the pass's first token, the cache length), ``attention_mask``
+    (``[batch, offset + pos]``) and ``prompt_length`` (padded prompt length; positions
+    from it on are generated; ``None``: all prompt). The states are reset when the block
+    ends. Without an intervention the passes need no ``with``.
 
     Args:
         model: the TransformerLens model.
-        steering: a :class:`~contrans_tl.steering.Steering` for ``model``, or ``None``.
+        intervention: any :class:`~contrans_tl.interventions.Intervention` for ``model``
+            (a steering, a weight swap, a stack of them), or ``None``.
 
     Raises:
-        ValueError: on entering, ``steering`` was made for another model.
+        ValueError: on entering, ``intervention`` was made for another model.
 
     Example:
         >>> with Forward(model, steering) as fwd:
@@ -393,41 +396,45 @@ class Forward:
         ...                            past_key_values=repeat_cache(cache, rows))
     """
 
-    def __init__(self, model: Any, steering: "contrans_tl.steering.Steering | None" = None) -> None:
+    def __init__(
+        self, model: Any, intervention: "contrans_tl.interventions.Intervention | None" = None
+    ) -> None:
         self.model = model
-        self.steering = steering
-        self._state: contrans_tl.steering.PositionState | None = None
+        self.intervention = intervention
+        self._states: list[Any] | None = None
         self._stack: contextlib.ExitStack | None = None
 
     def __enter__(self) -> "Forward":
-        from contrans_tl.steering import steering_session  # see the import at the top
+        from contrans_tl.interventions.base import applied, position_states
 
         if self._stack is not None:
             raise RuntimeError("this Forward is in use already; make another one")
+        states = position_states(self.intervention)
         stack = contextlib.ExitStack()
-        state = stack.enter_context(steering_session(self.steering, self.model))
-        self._stack = stack
-        self._state = state if self.steering is not None else None
+        stack.enter_context(applied(self.intervention, self.model))
+        for state in states:
+            stack.callback(state.reset)
+        self._stack, self._states = stack, states
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        stack, self._stack, self._state = self._stack, None, None
+        stack, self._stack, self._states = self._stack, None, None
         if stack is not None:
             stack.__exit__(*exc)
 
     def _tell(self, mask: Tensor | None, offset: int, prompt_length: int | None) -> Tensor | None:
-        """Set the position state for the next pass; returns the mask on the model's device."""
+        """Set the position states for the next pass; returns the mask on the model's device."""
         if mask is not None:
             mask = mask.to(model_device(self.model)).long()
-        if self.steering is None:
+        if self.intervention is None:
             return mask  # no position-aware hooks of ours to tell
-        state = self._state
-        if state is None:
+        if self._states is None:
             raise RuntimeError(
-                "a Forward with a steering runs only inside `with Forward(model, steering) "
-                "as fwd:` (the steering is attached there)"
+                "a Forward with an intervention runs only inside `with Forward(model, "
+                "intervention) as fwd:` (the intervention is in force there)"
             )
-        state.offset, state.attention_mask, state.prompt_length = offset, mask, prompt_length
+        for state in self._states:
+            state.offset, state.attention_mask, state.prompt_length = offset, mask, prompt_length
         return mask
 
     def run(

@@ -14,7 +14,7 @@ as prompt; padding positions are never steered when the mask is known.
 Example:
     >>> with steer(model, v_fear, alpha=4.0):
     ...     logits = model(tokens)
-    >>> texts = generate(model, ["Tell me about your day."], steering=make_steering(
+    >>> texts = generate(model, ["Tell me about your day."], intervention=make_steering(
     ...     model, v_fear, alpha=4.0, positions="generated"), max_new_tokens=20)
 """
 
@@ -31,6 +31,7 @@ from torch import Tensor
 
 from contrans_tl.concepts import ConceptVector, check_fits_model
 from contrans_tl.forward import Forward, padded_batches
+from contrans_tl.interventions.base import Intervention
 from contrans_tl.models import model_provenance
 from contrans_tl.sites import check_layers, context_length, model_device, resid_post_name
 from contrans_tl.tokens import check_texts, pad_token_id
@@ -270,6 +271,10 @@ class Steering:
     def attached(self) -> bool:
         return self._depth > 0
 
+    def position_states(self) -> list[PositionState]:
+        """``[self.state]``: what :class:`contrans_tl.forward.Forward` sets before a pass."""
+        return [self.state]
+
     def __enter__(self) -> "Steering":
         return self.attach()
 
@@ -453,7 +458,7 @@ def generate(
     prompts: Sequence[str],
     *,
     max_new_tokens: int = 32,
-    steering: Steering | None = None,
+    intervention: Intervention | None = None,
     use_cache: bool = True,
     stop_at_eos: bool = True,
     batch_size: int = 8,
@@ -470,7 +475,8 @@ def generate(
         model: a TransformerLens model (``TransformerBridge``) with a tokenizer.
         prompts: the prompts.
         max_new_tokens: tokens to generate per prompt.
-        steering: a :class:`Steering` from :func:`make_steering` (attached for the call).
+        intervention: in force for the call, e.g. a :class:`Steering` from
+            :func:`make_steering` (any :class:`~contrans_tl.interventions.Intervention`).
         use_cache: reuse keys and values (fast); ``False`` reruns the whole sequence.
         stop_at_eos: stop a row at the tokenizer's EOS token (kept out of the output).
         batch_size: prompts per batch (sorted by length).
@@ -481,7 +487,7 @@ def generate(
 
     Raises:
         TypeError: ``prompts`` is one string rather than a list of them.
-        ValueError: ``steering`` was made for another model, or a prompt plus
+        ValueError: ``intervention`` was made for another model, or a prompt plus
             ``max_new_tokens`` does not fit the model's context (``cfg.n_ctx``).
     """
     check_texts(prompts, "prompts")
@@ -489,10 +495,10 @@ def generate(
         raise TypeError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if steering is not None:
-        steering.check_model(model)
+    if intervention is not None:
+        intervention.check_model(model)
 
-    with Forward(model, steering) as fwd:
+    with Forward(model, intervention) as fwd:
         return greedy_decode(
             model.tokenizer,
             prompts,

@@ -143,7 +143,7 @@ def main() -> int:
     plain = ct.generate(src, [prompt], max_new_tokens=args.max_new_tokens, decode=False)
     steering = ct.make_steering(src, v, args.alpha, positions="generated")
     steered = ct.generate(
-        src, [prompt], max_new_tokens=args.max_new_tokens, steering=steering, decode=False
+        src, [prompt], max_new_tokens=args.max_new_tokens, intervention=steering, decode=False
     )
     print(f"prompt:   {prompt!r}")
     print(f"plain:    {src.tokenizer.decode(plain[0])!r}")

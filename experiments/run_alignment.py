@@ -255,7 +255,7 @@ def main() -> None:
 
     # ---- TruthfulQA
     def tqa(steering: Any = None, instruction: str | None = None, qs: Any = tqa_eval) -> dict:
-        r = evaluate_mc(tgt, qs, steering=steering, instruction=instruction, batch_size=16)
+        r = evaluate_mc(tgt, qs, intervention=steering, instruction=instruction, batch_size=16)
         r["question_indices"] = [q.index for q in qs]
         return r
 
@@ -319,7 +319,7 @@ def main() -> None:
     ppl_texts = heldout_wikisplit(args.n_ppl, exclude=map_texts)
 
     def ppl(steering: Any = None) -> dict:
-        r = perplexity(tgt, ppl_texts, steering=steering, batch_size=bs)
+        r = perplexity(tgt, ppl_texts, intervention=steering, batch_size=bs)
         return {k: r[k] for k in ("ppl", "nll_sum", "n_tokens", "n_texts")}
 
     ppl_tag = settings_tag({"n": args.n_ppl, "m": args.n_map_texts, "s": args.seed})
@@ -337,7 +337,7 @@ def main() -> None:
             tgt,
             prompts,
             clf,
-            steering=steering,
+            intervention=steering,
             instruction=instruction,
             max_new_tokens=args.max_new_tokens,
             batch_size=bs,

@@ -81,7 +81,7 @@ def main() -> None:
         accs = {"token_acc": [], "logit_acc": []}
         for e in EMOTIONS:
             steering = None if vectors is None else ct.make_steering(tgt, vectors[e], args.alpha)
-            s = score(task.predict(tgt, queries[e], steering=steering), e, task.emotion_ids)
+            s = score(task.predict(tgt, queries[e], intervention=steering), e, task.emotion_ids)
             for k in accs:
                 accs[k].append(s[k])
         return {k: sum(v) / len(v) for k, v in accs.items()} | {

@@ -228,13 +228,13 @@ def test_alpha_sweep_numbers_recompute(analysis, small_gemma):
         == ("transplanted", "1-3", 4.0, "fear")
     )
     ppl = perplexity(
-        small_gemma, res["inputs"]["ppl_texts"], steering=steering, batch_size=4, max_length=64
+        small_gemma, res["inputs"]["ppl_texts"], intervention=steering, batch_size=4, max_length=64
     )
     assert row["nll_sum"] == pytest.approx(ppl["nll_sum"], rel=1e-5)
     split = split_scenarios(emotion_scenarios(), n_fewshot=1, n_refine=6, n_validation=20)
     task = EmotionTask.build(small_gemma, split)
     q = task.query_ids(small_gemma, negatives(split, "fear", 3, "validation"))
-    pred = task.predict(small_gemma, q, steering=steering, batch_size=4)
+    pred = task.predict(small_gemma, q, intervention=steering, batch_size=4)
     s = score(pred, "fear", task.emotion_ids)
     assert (row["token_acc"], row["logit_acc"], row["n"]) == (
         s["token_acc"],

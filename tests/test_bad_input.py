@@ -467,7 +467,7 @@ def test_generate_inside_steer_leaves_the_block_steered(small_llama):
     with ct.steer(m, _vector(m), 4.0) as s:
         steered = _last_logits(m)
         assert not torch.allclose(steered, base, atol=1e-3)
-        ct.generate(m, ["I think that"], steering=s, max_new_tokens=3)
+        ct.generate(m, ["I think that"], intervention=s, max_new_tokens=3)
         torch.testing.assert_close(_last_logits(m), steered, atol=0, rtol=0)
         assert s.attached
     torch.testing.assert_close(_last_logits(m), base, atol=0, rtol=0)
@@ -508,7 +508,7 @@ def test_user_hook_survives_steering(small_llama):
 
 @pytest.fixture(scope="module")
 def entry_points(small_llama) -> dict[str, Callable[[Any, Steering], Any]]:
-    """Every public function that takes a ``steering=``, with small inputs."""
+    """Every public function that takes a ``intervention=``, with small inputs."""
     split = split_scenarios(emotion_scenarios(), n_fewshot=1, n_refine=20, n_validation=5)
     task = EmotionTask.build(small_llama, split)
     queries = task.query_ids(small_llama, negatives(split, "anger", 3, "validation"))
@@ -526,16 +526,16 @@ def entry_points(small_llama) -> dict[str, Callable[[Any, Steering], Any]]:
 
     ctx = small_llama.tokenizer("Q: Is it?\nA:")["input_ids"]
     return {
-        "generate": lambda m, s: ct.generate(m, ["I think"], steering=s, max_new_tokens=3),
-        "EmotionTask.predict": lambda m, s: task.predict(m, queries, steering=s),
-        "perplexity": lambda m, s: perplexity(m, TEXTS[:3], steering=s),
-        "score_many": lambda m, s: score_many(m, [(ctx, [[5, 6], [7]])], steering=s),
+        "generate": lambda m, s: ct.generate(m, ["I think"], intervention=s, max_new_tokens=3),
+        "EmotionTask.predict": lambda m, s: task.predict(m, queries, intervention=s),
+        "perplexity": lambda m, s: perplexity(m, TEXTS[:3], intervention=s),
+        "score_many": lambda m, s: score_many(m, [(ctx, [[5, 6], [7]])], intervention=s),
         "score_many(no prefix reuse)": lambda m, s: score_many(
-            m, [(ctx, [[5, 6], [7]])], steering=s, reuse_prefix=False
+            m, [(ctx, [[5, 6], [7]])], intervention=s, reuse_prefix=False
         ),
-        "evaluate_mc": lambda m, s: evaluate_mc(m, questions, steering=s, chat=False),
+        "evaluate_mc": lambda m, s: evaluate_mc(m, questions, intervention=s, chat=False),
         "evaluate_toxigen": lambda m, s: evaluate_toxigen(
-            m, prompts, Clf(), steering=s, max_new_tokens=3, chat=False
+            m, prompts, Clf(), intervention=s, max_new_tokens=3, chat=False
         ),
     }
 

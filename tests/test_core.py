@@ -263,7 +263,7 @@ def test_cached_and_uncached_generation_agree(small_gemma, positions):
         small_gemma,
         prompts,
         max_new_tokens=6,
-        steering=s,
+        intervention=s,
         use_cache=True,
         decode=False,
         stop_at_eos=False,
@@ -272,7 +272,7 @@ def test_cached_and_uncached_generation_agree(small_gemma, positions):
         small_gemma,
         prompts,
         max_new_tokens=6,
-        steering=s,
+        intervention=s,
         use_cache=False,
         decode=False,
         stop_at_eos=False,
@@ -289,13 +289,15 @@ def test_batched_generation_equals_one_by_one(small_gemma):
         small_gemma,
         TEXTS,
         max_new_tokens=5,
-        steering=s,
+        intervention=s,
         batch_size=5,
         decode=False,
         stop_at_eos=False,
     )
     alone = [
-        generate(small_gemma, [t], max_new_tokens=5, steering=s, decode=False, stop_at_eos=False)[0]
+        generate(
+            small_gemma, [t], max_new_tokens=5, intervention=s, decode=False, stop_at_eos=False
+        )[0]
         for t in TEXTS
     ]
     assert together == alone
@@ -306,7 +308,7 @@ def test_generated_only_leaves_the_prompt_untouched(small_gemma):
     s = make_steering(small_gemma, v, 5.0, positions="generated")
     plain = generate(small_gemma, [TEXTS[1]], max_new_tokens=1, decode=False, stop_at_eos=False)
     steered = generate(
-        small_gemma, [TEXTS[1]], max_new_tokens=1, steering=s, decode=False, stop_at_eos=False
+        small_gemma, [TEXTS[1]], max_new_tokens=1, intervention=s, decode=False, stop_at_eos=False
     )
     assert plain == steered  # the first new token is read off the prompt's last position
 

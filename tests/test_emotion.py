@@ -72,8 +72,8 @@ def test_prefix_cache_reuse_equals_full_recompute(small_gemma, split):
         v, tuple(range(small_gemma.cfg.n_layers)), model_provenance(small_gemma).to_dict(), "anger"
     )
     for steering in (None, make_steering(small_gemma, vec, 0.5)):
-        fast = task.predict(small_gemma, q, steering=steering, batch_size=3)
-        slow = task.predict(small_gemma, q, steering=steering, batch_size=3, reuse_prefix=False)
+        fast = task.predict(small_gemma, q, intervention=steering, batch_size=3)
+        slow = task.predict(small_gemma, q, intervention=steering, batch_size=3, reuse_prefix=False)
         torch.testing.assert_close(fast.emotion_logits, slow.emotion_logits, atol=1e-4, rtol=1e-4)
         assert torch.equal(fast.top_token, slow.top_token)
         # and both equal one plain forward pass of prefix + query, one at a time

@@ -163,3 +163,49 @@ def test_steering_is_an_intervention_and_stacks_with_a_swap(small_llama, donor, 
     torch.testing.assert_close(got, want, atol=0, rtol=0)
     _assert_bit_equal(small_llama, snap)
     assert not steering.attached
+
+
+def _vector(model, seed=0):
+    from contrans_tl.concepts import ConceptVector
+    from contrans_tl.models import model_provenance
+
+    n, d = model.cfg.n_layers, model.cfg.d_model
+    g = torch.Generator().manual_seed(seed)
+    return ConceptVector(
+        torch.randn(n, d, generator=g), tuple(range(n)), model_provenance(model).to_dict(), "c"
+    )
+
+
+def test_forward_tells_a_steering_inside_a_stack_where_generated_tokens_are(small_llama, donor):
+    """A ``positions="generated"`` steering adds nothing to prompt tokens; inside a Stack it
+    must still be told where generation starts, or it would steer nothing at all."""
+    from contrans_tl.steering import generate, make_steering
+
+    prompts = ["The cat sat on", "A dog ."]
+    steering = make_steering(small_llama, _vector(small_llama), 8.0, positions="generated")
+    swap = WeightSwap(small_llama, donor_weights(donor, [GATE]), name="dapa")
+    kw = dict(max_new_tokens=4, decode=False, stop_at_eos=False)
+    with swap:
+        swap_only = generate(small_llama, prompts, **kw)
+        separate = generate(small_llama, prompts, intervention=steering, **kw)
+    stacked = generate(small_llama, prompts, intervention=Stack([swap, steering]), **kw)
+    assert stacked == separate
+    assert stacked != swap_only  # the steering did act on the generated tokens
+    assert steering.state.prompt_length is None and not steering.attached and not swap.active
+
+
+def test_evaluations_take_an_instruction_as_intervention(small_llama):
+    from contrans_tl.evals.truthfulqa import evaluate_mc, load_truthfulqa
+
+    questions = load_truthfulqa()[:3]
+    given = evaluate_mc(small_llama, questions, instruction="Be honest.", chat=False)
+    inst = Instruction(small_llama, "Be honest.")
+    carried = evaluate_mc(small_llama, questions, intervention=inst, chat=False)
+    plain = evaluate_mc(small_llama, questions, chat=False)
+    assert carried["mc1"] == given["mc1"] and carried["records"] == given["records"]
+    assert carried["instruction"] == "Be honest." and plain["instruction"] is None
+    with pytest.raises(ValueError, match="given twice"):
+        evaluate_mc(small_llama, questions, instruction="Be fair.", intervention=inst, chat=False)
+    two = Stack([inst, Instruction(small_llama, "Be kind.")])
+    with pytest.raises(ValueError, match="2 instructions"):
+        evaluate_mc(small_llama, questions, intervention=two, chat=False)

@@ -76,13 +76,13 @@ def test_steering_changes_ppl_deterministically(small_gemma):
     model = small_gemma
     steering = make_steering(model, _vector(model), alpha=2.0)
     base = perplexity(model, TEXTS)
-    a = perplexity(model, TEXTS, steering=steering, batch_size=4)
-    b = perplexity(model, TEXTS, steering=steering, batch_size=4)
+    a = perplexity(model, TEXTS, intervention=steering, batch_size=4)
+    b = perplexity(model, TEXTS, intervention=steering, batch_size=4)
     assert not steering.attached
     assert a["ppl"] == b["ppl"] and a["ppl"] != pytest.approx(base["ppl"], rel=1e-3)
     with steering:
         nll, n = _by_hand(model, TEXTS)
-        c = perplexity(model, TEXTS, steering=steering, batch_size=1)
+        c = perplexity(model, TEXTS, intervention=steering, batch_size=1)
         assert steering.attached
     assert a["nll_sum"] == pytest.approx(nll, abs=1e-3) and a["n_tokens"] == n
     assert c["per_text_nll"] == pytest.approx(a["per_text_nll"], abs=1e-3)
@@ -103,7 +103,7 @@ def test_padding_is_never_steered(small_llama):
             s.attach()  # before the capture hook: the capture sees the steered stream
         try:
             with model.hooks(fwd_hooks=[(resid_post_name(0), hook)]):
-                perplexity(model, TEXTS, steering=s, batch_size=4)
+                perplexity(model, TEXTS, intervention=s, batch_size=4)
         finally:
             if s is not None:
                 s.remove()

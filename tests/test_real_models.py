@@ -52,8 +52,8 @@ def test_cached_and_uncached_steered_generation_agree_on_smollm(smol):
     v = mean_difference(smol, ["I love this, it is wonderful."], ["I hate this, it is awful."])
     s = make_steering(smol, v, 0.5, layers=range(10, 20))
     prompts = ["My day was", "The weather today is very"]
-    a = generate(smol, prompts, max_new_tokens=8, steering=s, use_cache=True, decode=False)
-    b = generate(smol, prompts, max_new_tokens=8, steering=s, use_cache=False, decode=False)
+    a = generate(smol, prompts, max_new_tokens=8, intervention=s, use_cache=True, decode=False)
+    b = generate(smol, prompts, max_new_tokens=8, intervention=s, use_cache=False, decode=False)
     assert a == b
     assert a != generate(smol, prompts, max_new_tokens=8, decode=False)
 
@@ -72,7 +72,7 @@ def test_transplanted_happiness_moves_gemma(smol, gemma):
     q = task.query_ids(gemma, negatives(split, "happiness", 20, "validation"))
     base = score(task.predict(gemma, q), "happiness", task.emotion_ids)
     steered = score(
-        task.predict(gemma, q, steering=make_steering(gemma, v_gemma, 1.0)),
+        task.predict(gemma, q, intervention=make_steering(gemma, v_gemma, 1.0)),
         "happiness",
         task.emotion_ids,
     )

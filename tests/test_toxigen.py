@@ -288,7 +288,7 @@ def test_evaluate_bookkeeping_with_fake_generation(small_llama, monkeypatch):
         completion_context(small_llama, p.text, instruction="Be fair.") for p in prompts
     ]
     assert seen["max_new_tokens"] == 5 and seen["batch_size"] == 3
-    assert seen["steering"] is None
+    assert seen["intervention"] is None
     # the classifier sees only the non-empty first statements
     assert clf.calls == [["BAD thing", "fine", "BAD"]]
     recs = res["records"]
@@ -360,14 +360,14 @@ def test_steering_alpha_zero_is_no_steering_and_alpha_passes_through(small_gemma
     kw = dict(max_new_tokens=6, batch_size=3)
     plain = evaluate_toxigen(model, short_prompts, clf, **kw)
     zero = evaluate_toxigen(
-        model, short_prompts, clf, steering=make_steering(model, _vector(model), 0.0), **kw
+        model, short_prompts, clf, intervention=make_steering(model, _vector(model), 0.0), **kw
     )
     assert zero["records"] == plain["records"]
     steering = make_steering(model, _vector(model), 8.0)
-    strong = evaluate_toxigen(model, short_prompts, clf, steering=steering, **kw)
+    strong = evaluate_toxigen(model, short_prompts, clf, intervention=steering, **kw)
     assert not steering.attached
     contexts = [completion_context(model, p.text) for p in short_prompts]
-    raw = generate(model, contexts, steering=steering, **kw)
+    raw = generate(model, contexts, intervention=steering, **kw)
     assert [r["continuation"] for r in strong["records"]] == [first_statement(t) for t in raw]
     assert [r["continuation"] for r in strong["records"]] != [
         r["continuation"] for r in plain["records"]

@@ -293,16 +293,23 @@ def test_steering_changes_scores_and_reuse_holds(small_gemma, questions):
     enc = encode_choices(model, format_question(model, q.question), q.mc2_choices)
     plain = score_choices(model, enc.context_ids, enc.choice_ids)
     steering = make_steering(model, _vector(model), alpha=2.0)
-    fast = score_choices(model, enc.context_ids, enc.choice_ids, steering=steering, batch_size=4)
+    fast = score_choices(
+        model, enc.context_ids, enc.choice_ids, intervention=steering, batch_size=4
+    )
     assert not steering.attached  # attached for the call only
     slow = score_choices(
-        model, enc.context_ids, enc.choice_ids, steering=steering, batch_size=4, reuse_prefix=False
+        model,
+        enc.context_ids,
+        enc.choice_ids,
+        intervention=steering,
+        batch_size=4,
+        reuse_prefix=False,
     )
     assert fast == pytest.approx(slow, abs=1e-4)
     assert max(abs(a - b) for a, b in zip(fast, plain)) > 1e-2
     with steering:  # the hand computation, steered at every position
         hand = _by_hand(model, enc.context_ids, enc.choice_ids)
-        again = score_choices(model, enc.context_ids, enc.choice_ids, steering=steering)
+        again = score_choices(model, enc.context_ids, enc.choice_ids, intervention=steering)
         assert steering.attached  # a steering the caller attached stays attached
     assert fast == pytest.approx(hand, abs=1e-4)
     assert again == pytest.approx(fast, abs=1e-6)
@@ -317,9 +324,9 @@ def test_positions_prompt_and_generated_split_context_and_answer(small_llama, qu
     p = len(enc.context_ids)
     for positions in ("prompt", "generated"):
         steering = make_steering(model, vec, alpha=2.0, positions=positions)
-        got = score_choices(model, enc.context_ids, enc.choice_ids, steering=steering)
+        got = score_choices(model, enc.context_ids, enc.choice_ids, intervention=steering)
         ref = score_choices(
-            model, enc.context_ids, enc.choice_ids, steering=steering, reuse_prefix=False
+            model, enc.context_ids, enc.choice_ids, intervention=steering, reuse_prefix=False
         )
         assert got == pytest.approx(ref, abs=1e-4)
         # by hand: steer absolute positions < p (prompt) or >= p (generated)
@@ -367,7 +374,7 @@ def test_padding_is_never_steered(small_gemma, questions, reuse):
                     model,
                     enc.context_ids,
                     enc.choice_ids,
-                    steering=s,
+                    intervention=s,
                     batch_size=4,
                     reuse_prefix=reuse,
                 )
@@ -390,8 +397,10 @@ def test_padding_is_never_steered(small_gemma, questions, reuse):
         assert int(torch.count_nonzero(diff[~real])) == 0
         saw_pad |= bool((~real).any())
     assert saw_pad
-    one = score_choices(model, enc.context_ids, enc.choice_ids, steering=steering, batch_size=1)
-    four = score_choices(model, enc.context_ids, enc.choice_ids, steering=steering, batch_size=4)
+    one = score_choices(model, enc.context_ids, enc.choice_ids, intervention=steering, batch_size=1)
+    four = score_choices(
+        model, enc.context_ids, enc.choice_ids, intervention=steering, batch_size=4
+    )
     assert one == pytest.approx(four, abs=1e-4)
 
 
@@ -455,10 +464,10 @@ def test_score_many_steered_matches_per_question_reference(small_llama, question
     model = small_llama
     items = _items(model, questions, [2, 3, 8])
     steering = make_steering(model, _vector(model, seed=5), alpha=2.0, positions=positions)
-    got = score_many(model, items, steering=steering, batch_size=5)
+    got = score_many(model, items, intervention=steering, batch_size=5)
     plain = score_many(model, items, batch_size=5)
     for (ctx, choices), g, p in zip(items, got, plain):
-        ref = score_choices(model, ctx, choices, steering=steering, reuse_prefix=False)
+        ref = score_choices(model, ctx, choices, intervention=steering, reuse_prefix=False)
         assert g == pytest.approx(ref, abs=1e-4)
         assert max(abs(a - b) for a, b in zip(g, p)) > 1e-3  # the steering did something
 

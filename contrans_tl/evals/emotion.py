@@ -21,7 +21,7 @@ reused for all queries, which are right-padded behind it.
 Example:
     >>> split = split_scenarios(emotion_scenarios())
     >>> task = EmotionTask.build(target, split)
-    >>> preds = task.predict(target, task.queries_for("fear"), steering=None)
+    >>> preds = task.predict(target, task.queries_for("fear"), intervention=None)
 """
 
 import random
@@ -34,8 +34,8 @@ from torch import Tensor
 
 from contrans_tl.data import EMOTIONS
 from contrans_tl.forward import Forward, padded_batches, prefill_cache, repeat_cache
+from contrans_tl.interventions.base import Intervention
 from contrans_tl.sites import check_context, model_device
-from contrans_tl.steering import Steering
 from contrans_tl.tokens import pad_token_id
 
 __all__ = [
@@ -233,7 +233,7 @@ class EmotionTask:
         model: Any,
         queries: Sequence[Sequence[int]],
         *,
-        steering: Steering | None = None,
+        intervention: Intervention | None = None,
         batch_size: int = 16,
         reuse_prefix: bool = True,
     ) -> Predictions:
@@ -246,7 +246,8 @@ class EmotionTask:
         Args:
             model: the TransformerLens model.
             queries: token ids from :meth:`query_ids`.
-            steering: attached for the call; added at every position (prefix included).
+            intervention: in force for the call (e.g. a steering: added at every position,
+                prefix included).
             batch_size: queries per forward pass.
             reuse_prefix: compute the prefix's KV cache once and reuse it (fast); ``False``
                 runs prefix + query for every query (the reference the fast path must match).
@@ -264,7 +265,7 @@ class EmotionTask:
             hint="use fewer few-shot examples (n_fewshot) or shorter scenarios",
         )
         prefix = torch.tensor([self.prefix_ids], device=dev)
-        with Forward(model, steering) as fwd:
+        with Forward(model, intervention) as fwd:
             cache = fwd.prefill(prefix) if reuse_prefix else None
             # queries right-padded behind the prefix: their positions follow it directly
             for batch in padded_batches(queries, batch_size, pad, side="right", device=dev):

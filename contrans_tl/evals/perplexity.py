@@ -8,7 +8,7 @@ sentences that the residual maps were *not* fitted on.
 Example:
     >>> texts = heldout_wikisplit(200)
     >>> base = perplexity(tgt, texts)["ppl"]
-    >>> steered = perplexity(tgt, texts, steering=make_steering(tgt, v_tgt, alpha=4.0))["ppl"]
+    >>> steered = perplexity(tgt, texts, intervention=make_steering(tgt, v_tgt, alpha=4.0))["ppl"]
 """
 
 from collections.abc import Iterable, Sequence
@@ -18,8 +18,8 @@ import torch
 
 from contrans_tl.data import wikisplit_sentences
 from contrans_tl.forward import Forward, padded_batches
+from contrans_tl.interventions.base import Intervention
 from contrans_tl.sites import check_context, model_device
-from contrans_tl.steering import Steering
 from contrans_tl.tokens import check_texts, pad_token_id
 
 __all__ = ["perplexity", "heldout_wikisplit"]
@@ -30,7 +30,7 @@ def perplexity(
     model: Any,
     texts: Sequence[str],
     *,
-    steering: Steering | None = None,
+    intervention: Intervention | None = None,
     batch_size: int = 8,
     max_length: int = 128,
 ) -> dict[str, Any]:
@@ -47,7 +47,7 @@ def perplexity(
     Args:
         model: the TransformerLens model (``TransformerBridge``) with a tokenizer.
         texts: the texts.
-        steering: attached for the call (left attached if the caller attached it); its
+        intervention: in force for the call (left in force if the caller entered it); its
             hooks get the attention mask, so padding is never steered. Every position is
             a prompt position (``positions="generated"`` steers nothing here).
         batch_size: texts per forward pass.
@@ -94,7 +94,7 @@ def perplexity(
     nll = [0.0] * len(texts)
     counts = [max(len(e) - 1, 0) for e in encoded]
     kept = [i for i in range(len(texts)) if counts[i] > 0]
-    with Forward(model, steering) as fwd:
+    with Forward(model, intervention) as fwd:
         for batch in padded_batches([encoded[i] for i in kept], batch_size, pad, device=dev):
             # every real position but the last predicts the token after it
             at = batch.mask.bool()

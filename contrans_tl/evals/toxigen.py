@@ -20,7 +20,7 @@ Example:
     >>> v = ct.mean_difference(src, pos, neg, concept="fairness")
     >>> val, ev = hate_prompts(n_validation=10, n_evaluation=20)
     >>> clf = load_toxicity_classifier()
-    >>> evaluate_toxigen(tgt, ev, clf, steering=ct.make_steering(tgt, rmap.transplant(v), 1.0))
+    >>> evaluate_toxigen(tgt, ev, clf, intervention=ct.make_steering(tgt, rmap.transplant(v), 1.0))
 """
 
 import random
@@ -36,7 +36,8 @@ from contrans_tl.evals.truthfulqa import (
     tokenizer_of,
     uses_chat,
 )
-from contrans_tl.steering import Steering, generate
+from contrans_tl.interventions.base import Intervention, resolve_instruction
+from contrans_tl.steering import generate
 
 __all__ = [
     "TOXIGEN_GROUPS",
@@ -280,7 +281,7 @@ def evaluate_toxigen(
     prompts: Sequence[HatePrompt],
     classifier: ToxicityClassifier,
     *,
-    steering: Steering | None = None,
+    intervention: Intervention | None = None,
     instruction: str | None = None,
     chat: bool | None = None,
     max_new_tokens: int = 32,
@@ -307,6 +308,7 @@ def evaluate_toxigen(
         raise ValueError("no prompts to evaluate")
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+    instruction = resolve_instruction(instruction, intervention)
     contexts = [
         completion_context(model, p.text, chat=chat, instruction=instruction) for p in prompts
     ]
@@ -314,7 +316,7 @@ def evaluate_toxigen(
         model,
         contexts,
         max_new_tokens=max_new_tokens,
-        steering=steering,
+        intervention=intervention,
         batch_size=batch_size,
     )
     texts = [first_statement(str(t)) for t in raw]

@@ -49,7 +49,7 @@ Example:
     >>> pos, neg = honesty_prompts(refine, model_or_tokenizer=src)
     >>> v = ct.mean_difference(src, pos, neg, concept="honesty")
     >>> steering = ct.make_steering(tgt, rmap.transplant(v), alpha=4.0)
-    >>> evaluate_mc(tgt, held_out, steering=steering)["mc1"]
+    >>> evaluate_mc(tgt, held_out, intervention=intervention)["mc1"]
     0.28
 """
 
@@ -68,8 +68,8 @@ from tqdm.auto import tqdm
 
 from contrans_tl.data import data_dir
 from contrans_tl.forward import Forward, padded_batches, repeat_cache
+from contrans_tl.interventions.base import Intervention, resolve_instruction
 from contrans_tl.sites import check_context, model_device
-from contrans_tl.steering import Steering
 from contrans_tl.tokens import pad_token_id
 
 __all__ = [
@@ -462,7 +462,7 @@ def score_choices(
     context_ids: Sequence[int] | Int[Tensor, " ctx_pos"],
     choice_ids_list: Sequence[Sequence[int]],
     *,
-    steering: Steering | None = None,
+    intervention: Intervention | None = None,
     batch_size: int = 16,
     reuse_prefix: bool = True,
 ) -> list[float]:
@@ -485,7 +485,7 @@ def score_choices(
     return score_many(
         model,
         [(context_ids, choice_ids_list)],
-        steering=steering,
+        intervention=intervention,
         batch_size=batch_size,
         reuse_prefix=reuse_prefix,
     )[0]
@@ -541,7 +541,7 @@ def score_many(
     model: Any,
     items: Sequence[ChoiceItem],
     *,
-    steering: Steering | None = None,
+    intervention: Intervention | None = None,
     batch_size: int = 16,
     reuse_prefix: bool = True,
     progress: Callable[[int], None] | None = None,
@@ -561,7 +561,7 @@ def score_many(
         model: the TransformerLens model (``TransformerBridge``).
         items: :class:`EncodedChoices`, or ``(context_ids, choice_ids)`` pairs, each with
             a non-empty context and non-empty choices.
-        steering: attached for the call (left attached if the caller attached it). Its
+        intervention: in force for the call (left in force if the caller entered it). Its
             hooks are told that the (padded) context is the prompt (``prompt_length``),
             so ``positions="all"`` steers context and answer, ``"prompt"`` the context
             only, ``"generated"`` the answer tokens only; padding is never steered.
@@ -592,7 +592,7 @@ def score_many(
     )
     scores: list[list[float]] = [[0.0] * len(c) for _, c in parsed]
     done = 0
-    with Forward(model, steering) as fwd:
+    with Forward(model, intervention) as fwd:
         if not reuse_prefix:
             for q, (ctx, choices) in enumerate(parsed):
                 _score_unshared(fwd, ctx, choices, batch_size, scores[q])
@@ -740,7 +740,7 @@ def evaluate_mc(
     model: Any,
     questions: Sequence[MCQuestion],
     *,
-    steering: Steering | None = None,
+    intervention: Intervention | None = None,
     chat: bool | None = None,
     instruction: str | None = None,
     batch_size: int = 16,
@@ -758,10 +758,11 @@ def evaluate_mc(
     Args:
         model: the TransformerLens model.
         questions: from :func:`load_truthfulqa` (or a part of :func:`split_questions`).
-        steering: attached for the whole evaluation (the Base / ConTrans / Self-Align
+        intervention: in force for the whole evaluation (the Base / ConTrans / Self-Align
             rows); see :func:`score_choices` for positions.
         chat: chat template or plain prompt (see :func:`format_question`).
-        instruction: the Inst-Align baseline's instruction, e.g. ``"Be honest."``.
+        instruction: the Inst-Align baseline's instruction, e.g. ``"Be honest."`` (or an
+            :class:`~contrans_tl.interventions.Instruction` as ``intervention``).
         batch_size: answer choices per forward pass (choices of several questions share
             a pass; see :func:`score_many`).
         mc2: also compute MC2.
@@ -789,6 +790,7 @@ def evaluate_mc(
     """
     if not questions:
         raise ValueError("no questions to evaluate")
+    instruction = resolve_instruction(instruction, intervention)
     is_chat = uses_chat(model, chat)
     sep = answer_separator(model, chat=is_chat)
     texts, encs = _encode_questions(model, questions, is_chat, sep, instruction, mc2=mc2)
@@ -802,7 +804,7 @@ def evaluate_mc(
 
     try:
         all_scores = score_many(
-            model, encs, steering=steering, batch_size=batch_size, progress=advance
+            model, encs, intervention=intervention, batch_size=batch_size, progress=advance
         )
     finally:
         bar.close()

@@ -28,7 +28,10 @@ __all__ = [
     "Stack",
     "applied",
     "describe",
+    "instruction_text",
+    "resolve_instruction",
     "intervention_name",
+    "position_states",
 ]
 
 
@@ -170,6 +173,10 @@ class Stack:
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "kind": "Stack", "parts": [p.describe() for p in self.parts]}
 
+    def position_states(self) -> list[Any]:
+        """The position states of all parts (see :func:`position_states`)."""
+        return [s for p in self.parts for s in position_states(p)]
+
     def check_model(self, model: Any) -> None:
         for p in self.parts:
             p.check_model(model)
@@ -216,3 +223,53 @@ def applied(intervention: Intervention | None, model: Any) -> Iterator[None]:
     intervention.check_model(model)
     with intervention:
         yield
+
+
+def position_states(intervention: Intervention | None) -> list[Any]:
+    """The :class:`~contrans_tl.steering.PositionState` objects of an intervention's
+    position-aware hooks, for :class:`contrans_tl.forward.Forward` to set before each pass.
+
+    An intervention whose hooks depend on where the prompt and the generated tokens are
+    (a :class:`~contrans_tl.steering.Steering`) offers ``position_states()``; one that
+    does not (a weight swap, an instruction) has none.
+    """
+    if intervention is None:
+        return []
+    states = getattr(intervention, "position_states", None)
+    return list(states()) if callable(states) else []
+
+
+def instruction_text(intervention: Intervention | None) -> str | None:
+    """The prompt instruction an intervention carries (:class:`Instruction`, also inside a
+    :class:`Stack`), or ``None``. Evaluations that format prompts put it in them.
+
+    Raises:
+        ValueError: a stack holds more than one instruction.
+    """
+    if isinstance(intervention, Instruction):
+        return intervention.text
+    if isinstance(intervention, Stack):
+        texts = [t for p in intervention.parts if (t := instruction_text(p)) is not None]
+        if len(texts) > 1:
+            raise ValueError(
+                f"stack {intervention.name!r} holds {len(texts)} instructions; a prompt takes "
+                "one (join their texts into one Instruction)"
+            )
+        return texts[0] if texts else None
+    return None
+
+
+def resolve_instruction(instruction: str | None, intervention: Intervention | None) -> str | None:
+    """The one instruction for an evaluation's prompts: the ``instruction=`` argument or
+    the :class:`Instruction` in ``intervention``.
+
+    Raises:
+        ValueError: both give one (say it once).
+    """
+    carried = instruction_text(intervention)
+    if carried is not None and instruction is not None:
+        raise ValueError(
+            f"an instruction was given twice: instruction={instruction!r} and the "
+            f"intervention's {carried!r}; give one of them"
+        )
+    return instruction if instruction is not None else carried

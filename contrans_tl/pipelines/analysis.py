@@ -1175,7 +1175,7 @@ def _measure(
     """
     method, set_name, a, e = point
     predicted = inputs.task.predict(
-        target, inputs.queries[e], steering=steering, batch_size=config.batch_size
+        target, inputs.queries[e], intervention=steering, batch_size=config.batch_size
     )
     row: dict[str, Any] = {"method": method, "layers": set_name, "alpha": a, "emotion": e}
     row.update(score(predicted, e, inputs.task.emotion_ids))
@@ -1186,7 +1186,7 @@ def _measure(
             p = perplexity(
                 target,
                 inputs.ppl_texts,
-                steering=steering,
+                intervention=steering,
                 batch_size=config.batch_size,
                 max_length=config.ppl_max_length,
             )

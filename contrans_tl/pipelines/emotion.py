@@ -580,7 +580,7 @@ def _predict_all(
         out = {}
         for name, (q, v, a) in tqdm(jobs.items(), desc="predicting", leave=False):
             steering = None if v is None else make_steering(target, v, a, layers=layers)
-            out[name] = task.predict(target, q, steering=steering, batch_size=config.batch_size)
+            out[name] = task.predict(target, q, intervention=steering, batch_size=config.batch_size)
         return out
 
     preds, hit = _cached(cache, "predict", inputs, compute, _save_predictions, _load_predictions)
