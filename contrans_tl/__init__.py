@@ -12,13 +12,43 @@ Example:
     ...     print(ct.generate(tgt, ["Scenario: You get a letter.\\nThe emotion is"]))
 """
 
-from contrans_tl.activations import ResidReads, read_resid_post
-from contrans_tl.concepts import ConceptVector, mean_difference
-from contrans_tl.data import emotion_scenarios, wikisplit_sentences
-from contrans_tl.maps import LinearMapFitter, ResidualMap, fit_residual_map
-from contrans_tl.models import ModelProvenance, load_model, load_tokenizer, model_provenance
-from contrans_tl.sites import match_layers_by_depth, resid_post_name
-from contrans_tl.steering import Steering, generate, make_steering, steer, steering_hooks
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from contrans_tl.activations import ResidReads, read_resid_post
+    from contrans_tl.concepts import ConceptVector, mean_difference
+    from contrans_tl.data import emotion_scenarios, wikisplit_sentences
+    from contrans_tl.maps import LinearMapFitter, ResidualMap, fit_residual_map
+    from contrans_tl.models import load_model, load_tokenizer
+    from contrans_tl.provenance import ModelProvenance, model_provenance
+    from contrans_tl.sites import match_layers_by_depth, resid_post_name
+    from contrans_tl.steering import Steering, generate, make_steering, steer, steering_hooks
+
+# Names are imported on first use (PEP 562), so `import contrans_tl` and the CLI's --help
+# do not load torch and TransformerLens.
+_LAZY = {
+    "ConceptVector": "contrans_tl.concepts",
+    "LinearMapFitter": "contrans_tl.maps",
+    "ModelProvenance": "contrans_tl.provenance",
+    "ResidReads": "contrans_tl.activations",
+    "ResidualMap": "contrans_tl.maps",
+    "Steering": "contrans_tl.steering",
+    "emotion_scenarios": "contrans_tl.data",
+    "fit_residual_map": "contrans_tl.maps",
+    "generate": "contrans_tl.steering",
+    "load_model": "contrans_tl.models",
+    "load_tokenizer": "contrans_tl.models",
+    "make_steering": "contrans_tl.steering",
+    "match_layers_by_depth": "contrans_tl.sites",
+    "mean_difference": "contrans_tl.concepts",
+    "model_provenance": "contrans_tl.provenance",
+    "read_resid_post": "contrans_tl.activations",
+    "resid_post_name": "contrans_tl.sites",
+    "steer": "contrans_tl.steering",
+    "steering_hooks": "contrans_tl.steering",
+    "wikisplit_sentences": "contrans_tl.data",
+}
 
 __all__ = [
     "ConceptVector",
@@ -44,3 +74,17 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name's module on first use."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'contrans_tl' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -28,11 +28,11 @@ from torch import Tensor
 
 from contrans_tl.activations import Positions, read_resid_post
 from contrans_tl.io import load_artifact, save_artifact
-from contrans_tl.models import model_provenance
+from contrans_tl.provenance import ModelProvenance, as_provenance, model_provenance
 from contrans_tl.sites import RESID_POST, check_layers, layer_index
 from contrans_tl.tokens import check_texts
 
-__all__ = ["ConceptVector", "mean_difference", "mean_differences", "check_fits_model"]
+__all__ = ["ConceptVector", "mean_difference", "mean_differences"]
 
 
 @dataclass
@@ -42,9 +42,9 @@ class ConceptVector:
     Attributes:
         vectors: ``[n_vector_layers, d_model]``; row ``i`` belongs to ``layers[i]``.
         layers: block indices, ascending, one per row.
-        model: provenance of the model the vectors live in
-            (:meth:`contrans_tl.models.ModelProvenance.to_dict`): its residual stream is
-            where the vectors may be added.
+        model: the :class:`~contrans_tl.provenance.ModelProvenance` of the model the
+            vectors live in: its residual stream is where they may be added (given as a
+            provenance or its ``to_dict()``; stored as a provenance).
         concept: a name, e.g. ``"happiness"``.
         method: how the vectors were made (``"mean_difference"``, ``"transplanted"``, ...).
         hook_template: the hook point the vectors belong to.
@@ -54,7 +54,7 @@ class ConceptVector:
 
     vectors: Float[Tensor, "n_vector_layers d_model"]
     layers: tuple[int, ...]
-    model: dict[str, Any]
+    model: ModelProvenance
     concept: str
     method: str = "mean_difference"
     hook_template: str = RESID_POST
@@ -76,8 +76,9 @@ class ConceptVector:
             )
         if list(self.layers) != sorted(set(self.layers)):
             raise ValueError(f"layers must be ascending and distinct, got {self.layers}")
-        d = self.model.get("d_model")
-        if d is not None and self.vectors.shape[1] != d:
+        self.model = as_provenance(self.model, "ConceptVector.model")
+        d = self.model.d_model
+        if self.vectors.shape[1] != d:
             raise ValueError(
                 f"vectors have width {self.vectors.shape[1]} but the model's d_model is {d}"
             )
@@ -110,7 +111,6 @@ class ConceptVector:
 
     def replace(self, **changes: Any) -> "ConceptVector":
         """A copy with some fields changed (metadata is copied, not shared)."""
-        changes.setdefault("model", dict(self.model))
         changes.setdefault("metadata", dict(self.metadata))
         return dataclasses.replace(self, **changes)
 
@@ -122,7 +122,7 @@ class ConceptVector:
             "method": self.method,
             "layers": list(self.layers),
             "hook_template": self.hook_template,
-            "model": self.model,
+            "model": self.model.to_dict(),
             "metadata": self.metadata,
         }
         save_artifact(path, {"vectors": self.vectors.float()}, meta)
@@ -134,48 +134,11 @@ class ConceptVector:
         return cls(
             vectors=tensors["vectors"],
             layers=tuple(meta["layers"]),
-            model=meta["model"],
+            model=as_provenance(meta["model"], "the vector's model"),
             concept=meta["concept"],
             method=meta["method"],
             hook_template=meta["hook_template"],
             metadata=meta.get("metadata", {}),
-        )
-
-
-def check_fits_model(
-    model_info: Mapping[str, Any], model: Any, *, what: str, strict: bool = True
-) -> None:
-    """Refuse to use an artifact made for one model on another.
-
-    Compares width and layer count always; with ``strict``, also the model id and the
-    weight processing (a vector made with folded LayerNorm is wrong without it).
-
-    Raises:
-        ValueError: naming each mismatch, and ``strict=False`` as the way past the id check.
-    """
-    prov = model_provenance(model)
-    problems = []
-    if model_info.get("d_model") != prov.d_model:
-        problems.append(f"d_model {model_info.get('d_model')} vs the model's {prov.d_model}")
-    if model_info.get("n_layers") != prov.n_layers:
-        problems.append(f"{model_info.get('n_layers')} layers vs the model's {prov.n_layers}")
-    if problems:
-        raise ValueError(
-            f"{what} was made for {model_info.get('model_id')!r} and does not fit "
-            f"{prov.model_id!r}: " + "; ".join(problems)
-        )
-    if not strict:
-        return
-    if model_info.get("model_id") != prov.model_id:
-        problems.append(f"model id {model_info.get('model_id')!r} vs {prov.model_id!r}")
-    wp = model_info.get("weight_processing")
-    if wp != prov.weight_processing:
-        problems.append(f"weight processing {wp!r} vs the model's {prov.weight_processing!r}")
-    if problems:
-        raise ValueError(
-            f"{what} does not match this model: " + "; ".join(problems) + ". The residual "
-            "stream differs between models and weight processings; pass strict=False only if "
-            "you know the two are the same weights."
         )
 
 
@@ -248,7 +211,7 @@ def mean_difference(
     return ConceptVector(
         vectors=torch.stack(rows),
         layers=tuple(layer_list),
-        model=model_provenance(model).to_dict(),
+        model=model_provenance(model),
         concept=concept,
         method="mean_difference",
         metadata=meta,
@@ -322,7 +285,7 @@ def mean_differences(
     )
     rows_of = _rows_by_text(reads.text_index, len(distinct))
     where = {t: i for i, t in enumerate(distinct)}
-    provenance = model_provenance(model).to_dict()
+    provenance = model_provenance(model)
     states = {k: reads.states[k].double() for k in layer_list}
     out = {}
     for name, (positive, negative) in concepts.items():
@@ -344,7 +307,7 @@ def mean_differences(
         out[name] = ConceptVector(
             vectors=torch.stack(rows),
             layers=tuple(layer_list),
-            model=dict(provenance),
+            model=provenance,
             concept=name,
             method="mean_difference",
             metadata=meta,

@@ -23,7 +23,7 @@ Example:
 import math
 import os
 import random
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -32,9 +32,14 @@ from jaxtyping import Float
 from torch import Tensor
 
 from contrans_tl.activations import iter_resid_post
-from contrans_tl.concepts import ConceptVector, check_fits_model
+from contrans_tl.concepts import ConceptVector
 from contrans_tl.io import load_artifact, save_artifact
-from contrans_tl.models import model_provenance
+from contrans_tl.provenance import (
+    ModelProvenance,
+    as_provenance,
+    check_compatible,
+    model_provenance,
+)
 from contrans_tl.sites import check_layers, layer_index, match_layers_by_depth
 from contrans_tl.tokens import (
     Encoding,
@@ -414,7 +419,8 @@ class ResidualMap:
         layer_pairs: ``[(source_layer, target_layer), ...]``, one per target layer mapped.
         weights: ``{target_layer: [d_src, d_tgt]}``.
         biases: ``{target_layer: [d_tgt]}`` (zero for the paper's ``"svd"`` method).
-        source, target: provenance dicts of the two models.
+        source, target: the :class:`~contrans_tl.provenance.ModelProvenance` of the two
+            models (given as provenances or their ``to_dict()``).
         method, pairing: how it was fitted.
         metrics: ``{target_layer: {...}}``: held-out ``r2``/``cosine`` on the fitted
             pairing, ``r2_last``/``cosine_last`` at last tokens, counts.
@@ -425,8 +431,8 @@ class ResidualMap:
     layer_pairs: list[tuple[int, int]]
     weights: dict[int, Tensor]
     biases: dict[int, Tensor]
-    source: dict[str, Any]
-    target: dict[str, Any]
+    source: ModelProvenance
+    target: ModelProvenance
     method: str
     pairing: str
     metrics: dict[int, dict[str, float]] = field(default_factory=dict)
@@ -434,6 +440,8 @@ class ResidualMap:
     info: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.source = as_provenance(self.source, "ResidualMap.source")
+        self.target = as_provenance(self.target, "ResidualMap.target")
         self.layer_pairs = [(layer_index(s), layer_index(t)) for s, t in self.layer_pairs]
         targets = [t for _, t in self.layer_pairs]
         if len(set(targets)) != len(targets):
@@ -442,7 +450,7 @@ class ResidualMap:
             w = self.weights.get(t)
             if w is None:
                 raise ValueError(f"no weight for target layer {t}")
-            shape = (self.source["d_model"], self.target["d_model"])
+            shape = (self.source.d_model, self.target.d_model)
             if tuple(w.shape) != shape:
                 raise ValueError(
                     f"weight of target layer {t} has shape {tuple(w.shape)}, "
@@ -478,13 +486,18 @@ class ResidualMap:
             ValueError: the vector belongs to another model than the map's source, or
                 none of its layers is a source layer of this map.
         """
-        if vector.d_model != self.source["d_model"]:
+        if vector.d_model != self.source.d_model:
             raise ValueError(
                 f"the vector has width {vector.d_model} but this map's source "
-                f"{self.source.get('model_id')!r} has d_model {self.source['d_model']}; is it "
+                f"{self.source.model_id!r} has d_model {self.source.d_model}; is it "
                 "a vector of the target model, or of another model?"
             )
-        _check_same_model(vector.model, self.source, strict=strict, what="the concept vector")
+        check_compatible(
+            vector.model,
+            self.source,
+            what="the concept vector (for this map's source)",
+            strict=strict,
+        )
         pairs = [(s, t) for s, t in self.layer_pairs if s in vector.layers]
         if not pairs:
             raise ValueError(
@@ -494,7 +507,7 @@ class ResidualMap:
         rows = torch.stack([vector[s].float() @ self.weights[t] for s, t in pairs])
         meta = {
             "source_concept": vector.concept,
-            "source_model": vector.model.get("model_id"),
+            "source_model": vector.model.model_id,
             "source_method": vector.method,
             "layer_pairs": [list(p) for p in pairs],
             "map_method": self.method,
@@ -507,7 +520,7 @@ class ResidualMap:
         return ConceptVector(
             vectors=rows,
             layers=tuple(t for _, t in pairs),
-            model=dict(self.target),
+            model=self.target,
             concept=vector.concept,
             method="transplanted",
             metadata=meta,
@@ -515,8 +528,8 @@ class ResidualMap:
 
     def check_models(self, source: Any, target: Any, *, strict: bool = True) -> None:
         """Raise if ``source``/``target`` are not the models this map was fitted on."""
-        check_fits_model(self.source, source, what="this map's source side", strict=strict)
-        check_fits_model(self.target, target, what="this map's target side", strict=strict)
+        check_compatible(self.source, source, what="this map's source side", strict=strict)
+        check_compatible(self.target, target, what="this map's target side", strict=strict)
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write ``path.safetensors`` and ``path.json``."""
@@ -527,8 +540,8 @@ class ResidualMap:
         meta = {
             "kind": "residual_map",
             "layer_pairs": [list(p) for p in self.layer_pairs],
-            "source": self.source,
-            "target": self.target,
+            "source": self.source.to_dict(),
+            "target": self.target.to_dict(),
             "method": self.method,
             "pairing": self.pairing,
             "metrics": {str(k): v for k, v in self.metrics.items()},
@@ -546,37 +559,13 @@ class ResidualMap:
             layer_pairs=pairs,
             weights={t: tensors[f"weight.{t}"] for _, t in pairs},
             biases={t: tensors[f"bias.{t}"] for _, t in pairs},
-            source=meta["source"],
-            target=meta["target"],
+            source=as_provenance(meta["source"], "the map's source"),
+            target=as_provenance(meta["target"], "the map's target"),
             method=meta["method"],
             pairing=meta["pairing"],
             metrics={int(k): v for k, v in meta.get("metrics", {}).items()},
             target_resid_norms={int(k): v for k, v in meta.get("target_resid_norms", {}).items()},
             info=meta.get("info", {}),
-        )
-
-
-def _check_same_model(
-    made_for: Mapping[str, Any], expected: Mapping[str, Any], *, strict: bool, what: str
-) -> None:
-    if made_for.get("d_model") != expected.get("d_model") or (
-        made_for.get("n_layers") != expected.get("n_layers")
-    ):
-        raise ValueError(
-            f"{what} belongs to {made_for.get('model_id')!r} "
-            f"({made_for.get('n_layers')} layers x {made_for.get('d_model')}), but the map "
-            f"expects {expected.get('model_id')!r} "
-            f"({expected.get('n_layers')} layers x {expected.get('d_model')})"
-        )
-    if strict and (
-        made_for.get("model_id") != expected.get("model_id")
-        or made_for.get("weight_processing") != expected.get("weight_processing")
-    ):
-        raise ValueError(
-            f"{what} belongs to {made_for.get('model_id')!r} "
-            f"(weights: {made_for.get('weight_processing')}), but the map expects "
-            f"{expected.get('model_id')!r} (weights: {expected.get('weight_processing')}); "
-            "pass strict=False if they are the same weights"
         )
 
 
@@ -648,8 +637,8 @@ def fit_residual_map(
         layer_pairs=pairs,
         weights=weights,
         biases=biases,
-        source=model_provenance(source).to_dict(),
-        target=model_provenance(target).to_dict(),
+        source=model_provenance(source),
+        target=model_provenance(target),
         method=method,
         pairing=kind,
         target_resid_norms={t: fitters[t].mean_target_norm for _, t in pairs},

@@ -29,7 +29,6 @@ Example:
 """
 
 import copy
-import dataclasses
 import difflib
 import hashlib
 import importlib
@@ -44,7 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -59,6 +58,14 @@ from transformers import (
 )
 
 from contrans_tl.io import sha256_file
+from contrans_tl.provenance import (
+    SOURCES,
+    WEIGHT_PROCESSING,
+    ModelProvenance,
+    dtype_name,
+    model_provenance,
+    weight_processing_of,
+)
 
 __all__ = [
     "CACHE_ENV_VAR",
@@ -81,12 +88,6 @@ __all__ = [
 CACHE_ENV_VAR = "CONTRANS_TL_CACHE"
 """Environment variable naming the cache folder (default ``~/.cache/contrans_tl``)."""
 
-SOURCES = ("zoo", "hub", "local", "gguf", "object")
-"""Valid values of :attr:`ModelProvenance.source`."""
-
-WEIGHT_PROCESSING = ("none", "compatibility")
-"""Valid values of :attr:`ModelProvenance.weight_processing`."""
-
 _BLOCK = 1 << 20  # 1 MiB: read/write/hash block size
 _CACHE_FORMAT = 1  # bump to invalidate float32 caches written by older code
 _ZOO_META = "contrans_zoo.json"
@@ -94,189 +95,6 @@ _TOKENIZER_META = "contrans_tokenizer.json"
 _GGUF_MARKER = "gguf_verified.json"
 # Hugging Face repo ids: "name" or "owner/name", letters, digits, "-", "_", ".".
 _HUB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
-
-
-# --------------------------------------------------------------------------------------------
-# Provenance
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelProvenance:
-    """Where a model's weights come from and what shape it has.
-
-    Attributes:
-        model_id: Zoo name (``"gemma-3-270m"``), hub id, resolved local path, or for models not
-            loaded by this module the model's ``cfg.model_name``.
-        source: One of ``"zoo"``, ``"hub"``, ``"local"``, ``"gguf"``, ``"object"``.
-        revision: Hub revision if one was given, else None.
-        file_sha256: sha256 of the GGUF file for ``"zoo"`` and ``"gguf"`` sources, else None.
-        dtype: Parameter dtype without the ``torch.`` prefix, e.g. ``"float32"``.
-        weight_processing: ``"none"`` (Hugging Face weights as they are) or ``"compatibility"``
-            (TransformerLens compatibility mode: folded LayerNorm, centred weights).
-        architecture: Hugging Face class name, e.g. ``"LlamaForCausalLM"``.
-        n_layers: Number of transformer blocks.
-        d_model: Width of the residual stream.
-        d_vocab: Number of rows of the embedding matrix.
-        hub_id: The hub repository the weights originally come from, if known.
-
-    Example:
-        >>> p = model_provenance(bridge)
-        >>> ModelProvenance.from_dict(p.to_dict()) == p
-        True
-    """
-
-    model_id: str
-    source: str
-    revision: str | None
-    file_sha256: str | None
-    dtype: str
-    weight_processing: str
-    architecture: str
-    n_layers: int
-    d_model: int
-    d_vocab: int
-    hub_id: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.source not in SOURCES:
-            raise ValueError(
-                f"ModelProvenance.source must be one of {SOURCES}, got {self.source!r}"
-            )
-        if self.weight_processing not in WEIGHT_PROCESSING:
-            raise ValueError(
-                "ModelProvenance.weight_processing must be one of "
-                f"{WEIGHT_PROCESSING}, got {self.weight_processing!r}"
-            )
-        for name in ("n_layers", "d_model", "d_vocab"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"ModelProvenance.{name} must be a positive int, got {value!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict of all fields.
-
-        Example:
-            >>> json.dumps(model_provenance(bridge).to_dict())
-        """
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "ModelProvenance":
-        """Rebuild a provenance from :meth:`to_dict` output.
-
-        Args:
-            d: Mapping with every field name; ``hub_id`` may be left out (defaults to None).
-
-        Returns:
-            The provenance.
-
-        Raises:
-            TypeError: If ``d`` is not a mapping.
-            ValueError: If keys are missing or unknown, or a value is invalid.
-
-        Example:
-            >>> ModelProvenance.from_dict(json.loads(text))
-        """
-        if not isinstance(d, Mapping):
-            raise TypeError(f"ModelProvenance.from_dict expects a mapping, got {type(d).__name__}")
-        fields = dataclasses.fields(cls)
-        valid = [f.name for f in fields]
-        required = [
-            f.name
-            for f in fields
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        ]
-        missing = [k for k in required if k not in d]
-        unknown = sorted(str(k) for k in d if k not in valid)
-        problems = []
-        if missing:
-            problems.append(f"missing key(s) {missing}")
-        if unknown:
-            problems.append(f"unknown key(s) {unknown}")
-        if problems:
-            raise ValueError(
-                f"ModelProvenance.from_dict: {' and '.join(problems)}; "
-                f"valid keys are {valid} (all but 'hub_id' required)"
-            )
-        return cls(**{k: d[k] for k in valid if k in d})
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _weight_processing(model: Any) -> str:
-    """'compatibility' if the model's weights were folded/centred the TransformerLens way."""
-    if hasattr(model, "original_model"):  # a TransformerBridge
-        processed = bool(getattr(model, "compatibility_mode", False)) and bool(
-            getattr(model, "_weights_processed", False)
-        )
-        return "compatibility" if processed else "none"
-    cfg = getattr(model, "cfg", None)
-    # A legacy HookedTransformer with folded LayerNorm has normalization_type LNPre/RMSPre.
-    if getattr(cfg, "normalization_type", None) in ("LNPre", "RMSPre"):
-        return "compatibility"
-    return "none"
-
-
-def model_provenance(model: Any) -> ModelProvenance:
-    """The provenance of a model, whoever loaded it.
-
-    Returns ``model.contrans_provenance`` when the model came from :func:`load_model` or
-    :func:`boot_bridge` (with ``weight_processing`` updated if compatibility mode was enabled
-    afterwards). Otherwise builds one from ``model.cfg`` (a ``TransformerBridge`` or a legacy
-    ``HookedTransformer``) with ``source="object"`` and ``model_id=cfg.model_name``.
-
-    Args:
-        model: A TransformerBridge, HookedTransformer or anything with a TransformerLens ``cfg``.
-
-    Returns:
-        The provenance.
-
-    Raises:
-        TypeError: If the model has neither ``contrans_provenance`` nor a usable ``cfg``.
-
-    Example:
-        >>> model_provenance(load_model("gemma-3-270m")).hub_id
-        'google/gemma-3-270m'
-    """
-    attached = getattr(model, "contrans_provenance", None)
-    if isinstance(attached, ModelProvenance):
-        processing = _weight_processing(model)
-        if attached.weight_processing == "none" and processing == "compatibility":
-            return dataclasses.replace(attached, weight_processing=processing)
-        return attached
-    cfg = getattr(model, "cfg", None)
-    needed = ("n_layers", "d_model", "d_vocab")
-    if cfg is None or any(getattr(cfg, k, None) is None for k in needed):
-        raise TypeError(
-            f"model_provenance needs a model loaded by contrans_tl.models or one with a "
-            f"TransformerLens cfg carrying {needed} (TransformerBridge, HookedTransformer); "
-            f"got {type(model).__name__}"
-        )
-    dtype = getattr(cfg, "dtype", None)
-    if not isinstance(dtype, torch.dtype):
-        params = model.parameters() if hasattr(model, "parameters") else iter(())
-        first = next(iter(params), None)
-        dtype = first.dtype if first is not None else torch.float32
-    architecture = getattr(cfg, "original_architecture", None) or getattr(cfg, "architecture", None)
-    if not architecture:
-        original = getattr(model, "original_model", None)
-        archs = getattr(getattr(original, "config", None), "architectures", None)
-        architecture = archs[0] if archs else type(original or model).__name__
-    return ModelProvenance(
-        model_id=str(getattr(cfg, "model_name", None) or type(model).__name__),
-        source="object",
-        revision=None,
-        file_sha256=None,
-        dtype=_dtype_name(dtype),
-        weight_processing=_weight_processing(model),
-        architecture=str(architecture),
-        n_layers=int(cfg.n_layers),
-        d_model=int(cfg.d_model),
-        d_vocab=int(cfg.d_vocab),
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -1086,8 +904,8 @@ def boot_bridge(
         source=source,
         revision=revision,
         file_sha256=file_sha256,
-        dtype=_dtype_name(dtype),
-        weight_processing=_weight_processing(bridge),
+        dtype=dtype_name(dtype),
+        weight_processing=weight_processing_of(bridge),
         architecture=str((config.architectures or [type(hf_model).__name__])[0]),
         n_layers=int(bridge.cfg.n_layers),
         d_model=int(bridge.cfg.d_model),

@@ -29,10 +29,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from contrans_tl.concepts import ConceptVector, check_fits_model
+from contrans_tl.concepts import ConceptVector
 from contrans_tl.forward import Forward, padded_batches
 from contrans_tl.interventions.base import Intervention
-from contrans_tl.models import model_provenance
+from contrans_tl.provenance import check_compatible, model_provenance
 from contrans_tl.sites import check_layers, context_length, model_device, resid_post_name
 from contrans_tl.tokens import check_texts, pad_token_id
 
@@ -367,7 +367,7 @@ def make_steering(
         raise ValueError(f"scale must be 'raw' or 'relative', got {scale!r}")
     additions: dict[int, Tensor] = {}
     for v, a in zip(vecs, alphas):
-        check_fits_model(v.model, model, what=f"concept vector {v.concept!r}", strict=strict)
+        check_compatible(v.model, model, what=f"concept vector {v.concept!r}", strict=strict)
         wanted = list(v.layers) if layers is None else check_layers(model, layers)
         missing = [k for k in wanted if k not in v.layers]
         if missing:
@@ -396,7 +396,7 @@ def make_steering(
         "vector_methods": [v.method for v in vecs],
         "alphas": alphas,
         "scale": scale,
-        "vector_models": [v.model.get("model_id") for v in vecs],
+        "vector_models": [v.model.model_id for v in vecs],
     }
     label = name if name is not None else "+".join(v.concept for v in vecs)
     return Steering(model, additions, positions, name=label, spec=spec)

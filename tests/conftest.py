@@ -8,6 +8,7 @@ that a transposed matrix cannot pass a test by accident.
 
 from pathlib import Path
 
+import jaxtyping
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -152,3 +153,15 @@ def wide_llama(byte_tokenizer):
 def small_gemma(meta_tokenizer):
     """Target-like model: 5 layers x 40, Metaspace tokenizer that adds BOS."""
     return tiny_gemma3(meta_tokenizer, name="tiny-gemma3-40")
+
+
+@pytest.fixture
+def as_users_run_it():
+    """The test suite runs contrans_tl under a runtime type checker (beartype through
+    jaxtyping's import hook), which would answer many of these inputs before our own
+    checks do. Users run without it: switch it off, so the messages tested are theirs."""
+    jaxtyping.config.update("jaxtyping_disable", True)
+    try:
+        yield
+    finally:
+        jaxtyping.config.update("jaxtyping_disable", False)

@@ -2,6 +2,7 @@
 against a direct computation (synthetic states where no model is needed)."""
 
 import contextlib
+import dataclasses
 import itertools
 import math
 
@@ -21,6 +22,7 @@ from contrans_tl.analysis.diagnostics import (
 from contrans_tl.concepts import ConceptVector
 from contrans_tl.data import wikisplit_sentences
 from contrans_tl.maps import fit_residual_map, iter_paired_states
+from contrans_tl.provenance import ModelProvenance
 from contrans_tl.sites import resid_post_name
 
 TEXTS = wikisplit_sentences(24)
@@ -194,7 +196,7 @@ def test_layer_similarity_streams_to_the_full_batch_matrix(small_llama, wide_lla
         small_llama, wide_llama, TEXTS, metric="cka", batch_size=1, chunk_texts=5
     )
     assert sim.pairing == "all" and sim.scores.shape == (3, 4)
-    assert sim.source["model_id"] == "tiny-llama-48"
+    assert sim.source.model_id == "tiny-llama-48"
     pairs = [(s, t) for s in range(3) for t in range(4)]
     (xs, ys), *rest = iter_paired_states(
         small_llama, wide_llama, TEXTS, pairs, "all", batch_size=1, chunk_texts=len(TEXTS)
@@ -286,7 +288,20 @@ def test_residual_norm_profile_matches_run_with_cache(small_llama):
 
 # --- cosines between concept vectors ---------------------------------------------------
 
-MODEL = {"model_id": "m", "d_model": 4, "n_layers": 3, "weight_processing": "none"}
+MODEL = ModelProvenance.from_dict(
+    {
+        "model_id": "m",
+        "d_model": 4,
+        "n_layers": 3,
+        "weight_processing": "none",
+        "source": "object",
+        "revision": None,
+        "file_sha256": None,
+        "dtype": "float32",
+        "architecture": "LlamaForCausalLM",
+        "d_vocab": 300,
+    }
+)
 
 
 def test_cosine_per_layer_by_hand():
@@ -304,10 +319,10 @@ def test_cosine_per_layer_by_hand():
 
 def test_cosine_per_layer_refuses_other_models():
     a = ConceptVector(torch.ones(1, 4), (0,), MODEL, "a")
-    wide = ConceptVector(torch.ones(1, 5), (0,), {**MODEL, "d_model": 5}, "b")
+    wide = ConceptVector(torch.ones(1, 5), (0,), dataclasses.replace(MODEL, d_model=5), "b")
     with pytest.raises(ValueError, match="one model"):
         cosine_per_layer(a, wide)
-    other = ConceptVector(torch.ones(1, 4), (0,), {**MODEL, "model_id": "n"}, "c")
+    other = ConceptVector(torch.ones(1, 4), (0,), dataclasses.replace(MODEL, model_id="n"), "c")
     with pytest.raises(ValueError, match="strict=False"):
         cosine_per_layer(a, other)
     assert cosine_per_layer(a, other, strict=False) == {0: pytest.approx(1.0)}

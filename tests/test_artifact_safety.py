@@ -26,6 +26,7 @@ from contrans_tl import io
 from contrans_tl.concepts import ConceptVector
 from contrans_tl.io import FORMAT_VERSION, artifact_paths, load_artifact, save_artifact
 from contrans_tl.maps import ResidualMap
+from contrans_tl.provenance import ModelProvenance
 
 HELPER = Path(__file__).with_name("_artifact_kill_helper.py")
 STEPS = ("tensors_written", "pending_written", "tensors_replaced", "json_replaced")
@@ -267,8 +268,30 @@ def test_stale_temp_files_are_deleted_but_not_those_of_other_names(tmp_path):
 # The JSON is covered by the integrity check
 # --------------------------------------------------------------------------------------------
 
-MODEL = {"model_id": "tiny-src", "d_model": 8, "n_layers": 3, "weight_processing": "none"}
-TARGET = {"model_id": "tiny-tgt", "d_model": 6, "n_layers": 4, "weight_processing": "none"}
+MODEL = {
+    "model_id": "tiny-src",
+    "d_model": 8,
+    "n_layers": 3,
+    "weight_processing": "none",
+    "source": "object",
+    "revision": None,
+    "file_sha256": None,
+    "dtype": "float32",
+    "architecture": "LlamaForCausalLM",
+    "d_vocab": 300,
+}
+TARGET = {
+    "model_id": "tiny-tgt",
+    "d_model": 6,
+    "n_layers": 4,
+    "weight_processing": "none",
+    "source": "object",
+    "revision": None,
+    "file_sha256": None,
+    "dtype": "float32",
+    "architecture": "LlamaForCausalLM",
+    "d_vocab": 300,
+}
 
 
 def _vector() -> ConceptVector:
@@ -276,7 +299,7 @@ def _vector() -> ConceptVector:
     return ConceptVector(
         vectors=torch.randn(2, 8, generator=g),
         layers=(0, 2),
-        model=dict(MODEL),
+        model=ModelProvenance.from_dict(MODEL),
         concept="joy",
         metadata={"note": "x", "nan_score": float("nan")},
     )

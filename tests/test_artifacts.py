@@ -1,5 +1,6 @@
 """Saving and loading vectors and maps; refusing to use them on the wrong model."""
 
+import dataclasses
 import json
 
 import pytest
@@ -90,7 +91,7 @@ def test_vector_on_a_model_of_other_width_is_refused(vector, small_gemma):
 
 
 def test_vector_on_a_model_of_other_id_is_refused(vector, small_llama, wide_llama):
-    fake = vector.replace(model={**vector.model, "model_id": "someone-else"})
+    fake = vector.replace(model=dataclasses.replace(vector.model, model_id="someone-else"))
     with pytest.raises(ValueError, match="model id 'someone-else' vs 'tiny-llama-48'"):
         make_steering(small_llama, fake, 1.0)
     make_steering(small_llama, fake, 1.0, strict=False)  # the escape hatch
@@ -99,13 +100,15 @@ def test_vector_on_a_model_of_other_id_is_refused(vector, small_llama, wide_llam
 
 
 def test_vector_of_other_weight_processing_is_refused(vector, small_llama):
-    folded = vector.replace(model={**vector.model, "weight_processing": "compatibility"})
+    folded = vector.replace(
+        model=dataclasses.replace(vector.model, weight_processing="compatibility")
+    )
     with pytest.raises(ValueError, match="weight processing 'compatibility'"):
         make_steering(small_llama, folded, 1.0)
 
 
 def test_other_layer_count_is_refused(vector, small_llama):
-    deeper = vector.replace(model={**vector.model, "n_layers": 7})
+    deeper = vector.replace(model=dataclasses.replace(vector.model, n_layers=7))
     with pytest.raises(ValueError, match="7 layers vs the model's 3"):
         make_steering(small_llama, deeper, 1.0)
 
@@ -119,7 +122,7 @@ def test_map_refuses_vector_of_wrong_source(rmap, vector, wide_llama):
     other = mean_difference(wide_llama, TEXTS[:2], TEXTS[2:])
     with pytest.raises(ValueError, match="width 80"):
         rmap.transplant(other)
-    renamed = vector.replace(model={**vector.model, "model_id": "not-the-source"})
+    renamed = vector.replace(model=dataclasses.replace(vector.model, model_id="not-the-source"))
     with pytest.raises(ValueError, match="not-the-source"):
         rmap.transplant(renamed)
 

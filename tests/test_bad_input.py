@@ -15,7 +15,6 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-import jaxtyping
 import numpy as np
 import pytest
 import torch
@@ -369,18 +368,6 @@ def fx(small_llama, small_gemma, short_model, long_text):
         "v": _vector(small_llama),
         "rmap": _map(small_llama, small_gemma),
     }
-
-
-@pytest.fixture
-def as_users_run_it():
-    """The test suite runs contrans_tl under a runtime type checker (beartype through
-    jaxtyping's import hook), which would answer many of these inputs before our own
-    checks do. Users run without it: switch it off, so the messages tested are theirs."""
-    jaxtyping.config.update("jaxtyping_disable", True)
-    try:
-        yield
-    finally:
-        jaxtyping.config.update("jaxtyping_disable", False)
 
 
 @pytest.mark.parametrize("name", list(CASES))

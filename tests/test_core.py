@@ -114,7 +114,7 @@ def test_mean_difference_equals_direct_means(small_llama):
         mp = torch.stack([direct_resid(small_llama, t, k)[-1] for t in pos]).mean(0)
         mn = torch.stack([direct_resid(small_llama, t, k)[-1] for t in neg]).mean(0)
         torch.testing.assert_close(v[k], mp - mn, atol=1e-5, rtol=1e-4)
-    assert v.model["model_id"] == "tiny-llama-48" and v.layers == (0, 2)
+    assert v.model.model_id == "tiny-llama-48" and v.layers == (0, 2)
 
 
 # --- maps ------------------------------------------------------------------------------
@@ -159,7 +159,7 @@ def test_identity_map_returns_the_source_vector(small_llama):
     v = mean_difference(small_llama, TEXTS[:2], TEXTS[2:], concept="x")
     out = rmap.transplant(v)
     torch.testing.assert_close(out.vectors, v.vectors, atol=1e-3, rtol=1e-3)
-    assert out.method == "transplanted" and out.model["model_id"] == "tiny-llama-48"
+    assert out.method == "transplanted" and out.model.model_id == "tiny-llama-48"
 
 
 def test_cross_tokenizer_map_shapes_metrics_and_transplant(small_llama, small_gemma):

@@ -44,7 +44,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from contrans_tl.activations import Positions, read_resid_post
-from contrans_tl.concepts import ConceptVector, check_fits_model
+from contrans_tl.concepts import ConceptVector
 from contrans_tl.io import load_artifact, save_artifact
 from contrans_tl.maps import (
     LinearMapFitter,
@@ -54,7 +54,12 @@ from contrans_tl.maps import (
     resolve_pairing,
     split_texts,
 )
-from contrans_tl.models import model_provenance
+from contrans_tl.provenance import (
+    ModelProvenance,
+    as_provenance,
+    check_compatible,
+    model_provenance,
+)
 from contrans_tl.sites import check_layers
 
 __all__ = [
@@ -139,8 +144,8 @@ class LayerSimilarity:
         target_layers: target block indices, ascending, one per column.
         metric: ``"cka"`` (linear CKA) or ``"r2"`` (held-out R² of a least-squares map
             from the source layer to the target layer; may be negative).
-        source, target: provenance dicts of the two models (empty when computed from
-            states alone).
+        source, target: the two models' :class:`~contrans_tl.provenance.ModelProvenance`
+            (``None`` when computed from states alone).
         pairing: how states were paired (``"last"``, ``"all"``, ``"word_ends"``), if known.
         info: counts and settings (texts, pairs, map method, split, seed).
 
@@ -154,14 +159,16 @@ class LayerSimilarity:
     source_layers: tuple[int, ...]
     target_layers: tuple[int, ...]
     metric: str
-    source: dict[str, Any] = field(default_factory=dict)
-    target: dict[str, Any] = field(default_factory=dict)
+    source: ModelProvenance | None = None
+    target: ModelProvenance | None = None
     pairing: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.source_layers = tuple(int(k) for k in self.source_layers)
         self.target_layers = tuple(int(k) for k in self.target_layers)
+        self.source = _saved_provenance(self.source, "LayerSimilarity.source")
+        self.target = _saved_provenance(self.target, "LayerSimilarity.target")
         for name, layers in (("source", self.source_layers), ("target", self.target_layers)):
             if not layers or list(layers) != sorted(set(layers)):
                 raise ValueError(
@@ -244,10 +251,10 @@ class LayerSimilarity:
             ValueError: width, layer count or (``strict``) model id / weight processing
                 differ.
         """
-        if self.source:
-            check_fits_model(self.source, source, what="this similarity's source", strict=strict)
-        if self.target:
-            check_fits_model(self.target, target, what="this similarity's target", strict=strict)
+        if self.source is not None:
+            check_compatible(self.source, source, what="this similarity's source", strict=strict)
+        if self.target is not None:
+            check_compatible(self.target, target, what="this similarity's target", strict=strict)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict: layers, metric, scores as nested lists (NaN as ``None``)."""
@@ -257,8 +264,8 @@ class LayerSimilarity:
             "target_layers": list(self.target_layers),
             "scores": [[None if math.isnan(v) else v for v in row] for row in self.scores.tolist()],
             "pairing": self.pairing,
-            "source_model": self.source.get("model_id"),
-            "target_model": self.target.get("model_id"),
+            "source_model": None if self.source is None else self.source.model_id,
+            "target_model": None if self.target is None else self.target.model_id,
             "info": self.info,
         }
 
@@ -269,8 +276,8 @@ class LayerSimilarity:
             "metric": self.metric,
             "source_layers": list(self.source_layers),
             "target_layers": list(self.target_layers),
-            "source": self.source,
-            "target": self.target,
+            "source": None if self.source is None else self.source.to_dict(),
+            "target": None if self.target is None else self.target.to_dict(),
             "pairing": self.pairing,
             "info": self.info,
         }
@@ -285,8 +292,8 @@ class LayerSimilarity:
             source_layers=tuple(meta["source_layers"]),
             target_layers=tuple(meta["target_layers"]),
             metric=meta["metric"],
-            source=meta.get("source", {}),
-            target=meta.get("target", {}),
+            source=_saved_provenance(meta.get("source"), "the similarity's source"),
+            target=_saved_provenance(meta.get("target"), "the similarity's target"),
             pairing=meta.get("pairing"),
             info=meta.get("info", {}),
         )
@@ -593,6 +600,11 @@ def _r2_settings(method: str, ridge: float, heldout_fraction: float, seed: int) 
     }
 
 
+def _saved_provenance(value: Any, what: str) -> ModelProvenance | None:
+    """A provenance as stored, or ``None`` for a side not known (``{}`` in older files)."""
+    return as_provenance(value, what) if value else None
+
+
 def layer_similarity(
     source: Any,
     target: Any,
@@ -677,8 +689,8 @@ def layer_similarity(
         source_layers=tuple(src),
         target_layers=tuple(tgt),
         metric=metric,
-        source=model_provenance(source).to_dict(),
-        target=model_provenance(target).to_dict(),
+        source=model_provenance(source),
+        target=model_provenance(target),
         pairing=kind,
         info=info,
     )
@@ -853,26 +865,13 @@ def cosine_per_layer(
         >>> cosine_per_layer(rmap.transplant(v_small), v_self)
         {0: 0.05, 1: 0.22, 2: 0.41}
     """
-    ma, mb = a.model, b.model
-    if a.d_model != b.d_model or ma.get("n_layers") != mb.get("n_layers"):
+    try:
+        check_compatible(a.model, b.model, what=f"vector {a.concept!r}", strict=strict)
+    except ValueError as e:
         raise ValueError(
-            f"vector {a.concept!r} lives in {ma.get('model_id')!r} ({ma.get('n_layers')} "
-            f"layers x {a.d_model}) and vector {b.concept!r} in {mb.get('model_id')!r} "
-            f"({mb.get('n_layers')} layers x {b.d_model}); cosines need two vectors of one "
-            "model (transplant one first)"
-        )
-    if strict:
-        problems = [
-            f"{key} {ma.get(key)!r} vs {mb.get(key)!r}"
-            for key in ("model_id", "weight_processing")
-            if ma.get(key) != mb.get(key)
-        ]
-        if problems:
-            raise ValueError(
-                f"vectors {a.concept!r} and {b.concept!r} come from different models: "
-                + "; ".join(problems)
-                + ". Pass strict=False only if they are the same weights."
-            )
+            f"{e} (vector {b.concept!r} lives in {b.model.model_id!r}; cosines need two "
+            "vectors of one model: transplant one first)"
+        ) from None
     common = sorted(set(a.layers) & set(b.layers))
     if not common:
         raise ValueError(

@@ -39,6 +39,7 @@ import torch
 from contrans_tl.analysis.diagnostics import LayerSimilarity
 from contrans_tl.analysis.geometry import BeforeAfterPCA
 from contrans_tl.io import write_atomic, write_json
+from contrans_tl.provenance import ModelProvenance
 from contrans_tl.sites import match_layers_by_depth
 
 __all__ = [
@@ -196,8 +197,8 @@ def plot_layer_similarity(
         >>> plot_layer_similarity(layer_similarity(src, tgt, texts), "out/cka")
     """
     src, tgt = list(sim.source_layers), list(sim.target_layers)
-    n_src = int(sim.source.get("n_layers") or (src[-1] + 1))
-    n_tgt = int(sim.target.get("n_layers") or (tgt[-1] + 1))
+    n_src = sim.source.n_layers if sim.source is not None else src[-1] + 1
+    n_tgt = sim.target.n_layers if sim.target is not None else tgt[-1] + 1
     monotone_pairs, best = _best_pairs_or_none(sim, True), _best_pairs_or_none(sim, False)
     depth = [(s, t) for s, t in match_layers_by_depth(n_src, n_tgt) if t in tgt]
     fig, (ax,) = _figure(max(5.0, 0.28 * len(tgt) + 3), max(4.0, 0.22 * len(src) + 2))
@@ -205,8 +206,8 @@ def plot_layer_similarity(
     _draw_matchings(ax, src, tgt, monotone_pairs, best, depth)
     _ticks(ax, "x", tgt)
     _ticks(ax, "y", src)
-    ax.set_xlabel(f"target layer ({sim.target.get('model_id') or 'target'})")
-    ax.set_ylabel(f"source layer ({sim.source.get('model_id') or 'source'})")
+    ax.set_xlabel(f"target layer ({_model_id(sim.target, 'target')})")
+    ax.set_ylabel(f"source layer ({_model_id(sim.source, 'source')})")
     ax.legend(loc="upper left", fontsize=7, framealpha=0.6)
     ax.set_title(_wrap(fig, title or _similarity_title(sim)), fontsize=9)
     data = {
@@ -232,10 +233,12 @@ def _best_pairs_or_none(sim: LayerSimilarity, monotone: bool) -> list[tuple[int,
 def _similarity_title(sim: LayerSimilarity) -> str:
     """The default title of :func:`plot_layer_similarity`: the metric and the two models."""
     metric = "linear CKA" if sim.metric == "cka" else "held-out map R²"
-    return (
-        f"{metric}: "
-        f"{sim.source.get('model_id') or 'source'} x {sim.target.get('model_id') or 'target'}"
-    )
+    return f"{metric}: {_model_id(sim.source, 'source')} x {_model_id(sim.target, 'target')}"
+
+
+def _model_id(provenance: ModelProvenance | None, default: str) -> str:
+    """A model's id for a label, or ``default`` when the provenance is not known."""
+    return provenance.model_id if provenance is not None else default
 
 
 def _draw_similarity_heatmap(fig: Any, ax: Any, sim: LayerSimilarity) -> None:
