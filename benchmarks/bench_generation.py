@@ -85,7 +85,7 @@ def ct_worker(args: argparse.Namespace) -> dict[str, Any]:
     v = ConceptVector(
         vecs,
         tuple(range(n_layers)),
-        model_provenance(tl).to_dict(),
+        model_provenance(tl),
         concept="random",
         method="random",
     )

@@ -58,6 +58,7 @@ __all__ = [
     "FORMAT_VERSION",
     "artifact_paths",
     "save_artifact",
+    "write_text",
     "load_artifact",
     "write_json",
     "write_atomic",
@@ -143,6 +144,11 @@ def write_json(path: str | os.PathLike[str], data: Any) -> Path:
             f.write("\n")
 
     return write_atomic(path, write)
+
+
+def write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` (UTF-8) through a temporary file (atomic replace), e.g. a report."""
+    return write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 # --------------------------------------------------------------------------------------------

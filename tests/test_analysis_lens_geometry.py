@@ -39,7 +39,7 @@ def _vector(model, layers, seed=0):
     return ConceptVector(
         vectors=torch.randn(len(layers), model.cfg.d_model, generator=g),
         layers=tuple(layers),
-        model=model_provenance(model).to_dict(),
+        model=model_provenance(model),
         concept="test",
     )
 

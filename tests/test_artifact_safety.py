@@ -312,8 +312,8 @@ def _map() -> ResidualMap:
         layer_pairs=pairs,
         weights={t: torch.randn(8, 6, generator=g) for _, t in pairs},
         biases={t: torch.zeros(6) for _, t in pairs},
-        source=dict(MODEL),
-        target=dict(TARGET),
+        source=ModelProvenance.from_dict(MODEL),
+        target=ModelProvenance.from_dict(TARGET),
         method="svd",
         pairing="last",
         metrics={1: {"r2": 0.5, "cosine": float("nan")}, 3: {"r2": 0.25, "cosine": 0.9}},
@@ -425,7 +425,7 @@ def _v1_vector_meta() -> dict:
         "method": v.method,
         "layers": list(v.layers),
         "hook_template": v.hook_template,
-        "model": v.model,
+        "model": v.model.to_dict(),
         "metadata": {"note": "x"},
     }
 
@@ -448,7 +448,7 @@ def test_version_1_artifact_is_cross_checked(tmp_path):
         ConceptVector.load(tmp_path / "v")
     m = _map()
     tensors = {f"{w}.{t}": torch.zeros(8, 6) for t in (1, 3) for w in ("weight", "bias")}
-    meta = {"kind": "residual_map", "layer_pairs": [[0, 1], [2, 6]], "source": m.source}
+    meta = {"kind": "residual_map", "layer_pairs": [[0, 1], [2, 6]], "source": m.source.to_dict()}
     _write_version_1(tmp_path / "m", tensors, meta)
     with pytest.warns(UserWarning), pytest.raises(ValueError, match="'layer_pairs'.*bias.6"):
         load_artifact(tmp_path / "m", kind="residual_map")

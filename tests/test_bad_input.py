@@ -42,7 +42,7 @@ def _vector(model: Any, seed: int = 0, concept: str = "test") -> ConceptVector:
     return ConceptVector(
         torch.randn(n, d, generator=g),
         tuple(range(n)),
-        model_provenance(model).to_dict(),
+        model_provenance(model),
         concept,
     )
 
@@ -55,8 +55,8 @@ def _map(source: Any, target: Any) -> ResidualMap:
         layer_pairs=pairs,
         weights={t: torch.randn(ds, dt, generator=g) for _, t in pairs},
         biases={t: torch.zeros(dt) for _, t in pairs},
-        source=model_provenance(source).to_dict(),
-        target=model_provenance(target).to_dict(),
+        source=model_provenance(source),
+        target=model_provenance(target),
         method="svd",
         pairing="last",
     )

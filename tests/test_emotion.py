@@ -69,7 +69,7 @@ def test_prefix_cache_reuse_equals_full_recompute(small_gemma, split):
     from contrans_tl.models import model_provenance
 
     vec = ConceptVector(
-        v, tuple(range(small_gemma.cfg.n_layers)), model_provenance(small_gemma).to_dict(), "anger"
+        v, tuple(range(small_gemma.cfg.n_layers)), model_provenance(small_gemma), "anger"
     )
     for steering in (None, make_steering(small_gemma, vec, 0.5)):
         fast = task.predict(small_gemma, q, intervention=steering, batch_size=3)

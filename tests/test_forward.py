@@ -47,9 +47,7 @@ def _pad(model):
 def _vector(model, seed=0):
     g = torch.Generator().manual_seed(seed)
     v = torch.randn(model.cfg.n_layers, model.cfg.d_model, generator=g)
-    return ConceptVector(
-        v, tuple(range(model.cfg.n_layers)), model_provenance(model).to_dict(), "x"
-    )
+    return ConceptVector(v, tuple(range(model.cfg.n_layers)), model_provenance(model), "x")
 
 
 @pytest.fixture(scope="module")

@@ -145,7 +145,7 @@ def test_steering_is_an_intervention_and_stacks_with_a_swap(small_llama, donor, 
     v = ConceptVector(
         torch.randn(n, d, generator=torch.Generator().manual_seed(0)),
         tuple(range(n)),
-        model_provenance(small_llama).to_dict(),
+        model_provenance(small_llama),
         "fear",
     )
     steering = make_steering(small_llama, v, 2.0, layers=[0, 2])
@@ -172,7 +172,7 @@ def _vector(model, seed=0):
     n, d = model.cfg.n_layers, model.cfg.d_model
     g = torch.Generator().manual_seed(seed)
     return ConceptVector(
-        torch.randn(n, d, generator=g), tuple(range(n)), model_provenance(model).to_dict(), "c"
+        torch.randn(n, d, generator=g), tuple(range(n)), model_provenance(model), "c"
     )
 
 

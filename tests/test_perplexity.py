@@ -22,7 +22,7 @@ def _vector(model, layers=None, seed=0):
     g = torch.Generator().manual_seed(seed)
     layers = tuple(range(model.cfg.n_layers)) if layers is None else tuple(layers)
     v = torch.randn(len(layers), model.cfg.d_model, generator=g)
-    return ConceptVector(v, layers, model_provenance(model).to_dict(), "x")
+    return ConceptVector(v, layers, model_provenance(model), "x")
 
 
 def _by_hand(model, texts, max_length=128):

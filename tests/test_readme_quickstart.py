@@ -34,17 +34,20 @@ def _run(code: str, cwd: Path, timeout: int) -> subprocess.CompletedProcess:
     )
 
 
-def _check_output(proc: subprocess.CompletedProcess, cwd: Path) -> None:
+def _check_output(proc: subprocess.CompletedProcess, cwd: Path) -> dict[str, int]:
+    """Checks the run and returns the printed shares, ``{"base": %, "steered": %}``."""
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
-    assert any(
-        re.fullmatch(r"p\(' happiness'\): base \d\.\d{4}, steered \d\.\d{4}", ln) for ln in lines
-    )
-    assert any(ln.startswith("base:") for ln in lines)
-    assert any(ln.startswith("steered:") for ln in lines)
+    shares = {}
+    for ln in lines:
+        m = re.fullmatch(r"(base|steered): ' happiness' next for (\d+)% of them; .+", ln)
+        if m:
+            shares[m[1]] = int(m[2])
+    assert set(shares) == {"base", "steered"}, lines
     assert (cwd / "happiness_gemma.safetensors").exists() and (
         cwd / "happiness_gemma.json"
     ).exists()
+    return shares
 
 
 def test_quickstart_runs_on_tiny_models(tmp_path, byte_tokenizer, meta_tokenizer):
@@ -66,5 +69,7 @@ def test_quickstart_runs_on_tiny_models(tmp_path, byte_tokenizer, meta_tokenizer
 @pytest.mark.slow
 def test_quickstart_runs_on_the_offline_models(tmp_path):
     proc = _run(quickstart(), tmp_path, timeout=1800)
-    _check_output(proc, tmp_path)
+    shares = _check_output(proc, tmp_path)
     print(proc.stdout)
+    # the lesson shows its effect: measured 3% -> 100% (alpha 1, 30 scenarios)
+    assert shares["steered"] >= shares["base"] + 30, shares

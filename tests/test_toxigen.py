@@ -55,7 +55,7 @@ def _vector(model, seed=0):
     g = torch.Generator().manual_seed(seed)
     layers = tuple(range(model.cfg.n_layers))
     v = torch.randn(len(layers), model.cfg.d_model, generator=g)
-    return ConceptVector(v, layers, model_provenance(model).to_dict(), "fairness")
+    return ConceptVector(v, layers, model_provenance(model), "fairness")
 
 
 class _KeywordClassifier:

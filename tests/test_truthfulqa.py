@@ -45,7 +45,7 @@ def _vector(model, layers=None, seed=0, scale=1.0):
     g = torch.Generator().manual_seed(seed)
     layers = tuple(range(model.cfg.n_layers)) if layers is None else tuple(layers)
     v = torch.randn(len(layers), model.cfg.d_model, generator=g) * scale
-    return ConceptVector(v, layers, model_provenance(model).to_dict(), "honesty")
+    return ConceptVector(v, layers, model_provenance(model), "honesty")
 
 
 def _by_hand(model, ctx, choices):

@@ -54,10 +54,10 @@ import math
 import os
 import platform
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 import torch
 
@@ -87,7 +87,7 @@ from contrans_tl.analysis.plots import (
     write_shift_table,
 )
 from contrans_tl.concepts import ConceptVector, mean_difference
-from contrans_tl.data import EMOTIONS, emotion_scenarios, wikisplit_sentences
+from contrans_tl.data import EMOTIONS, wikisplit_sentences
 from contrans_tl.evals.emotion import (
     REFINE_TEMPLATE,
     EmotionSplit,
@@ -95,13 +95,23 @@ from contrans_tl.evals.emotion import (
     negatives,
     refinement_prompts,
     score,
-    split_scenarios,
 )
 from contrans_tl.evals.perplexity import heldout_wikisplit, perplexity
-from contrans_tl.io import write_json
-from contrans_tl.maps import PAIRINGS, MapMethod, Pairing, ResidualMap, fit_residual_map
+from contrans_tl.io import write_json, write_text
+from contrans_tl.maps import MapMethod, Pairing, ResidualMap, fit_residual_map
 from contrans_tl.models import model_provenance
-from contrans_tl.pipelines.emotion import check_minimums, check_out_dir, random_like
+from contrans_tl.pipelines.alpha import best_alpha_within_fluency
+from contrans_tl.pipelines.configs import (
+    DEFAULT_ALPHAS,
+    LAYER_MATCHES,
+    MAP_METHODS,
+    SWEEP_METHODS,
+    AnalysisConfig,
+    LayerMatch,
+    check_out_dir,
+    scenario_split,
+)
+from contrans_tl.pipelines.emotion import random_like
 from contrans_tl.sites import check_layers
 from contrans_tl.steering import make_steering
 
@@ -140,301 +150,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_ALPHAS = (0.25, 0.5, 1.0, 2.0, 4.0)
-"""The strengths of the α sweep by default (α = 0, the unsteered base, is always run)."""
-SWEEP_METHODS = ("transplanted", "self", "random")
-"""The vectors the sweep can steer with."""
-MAP_METHODS = ("svd", "ridge")
-"""How the residual map is solved."""
-LayerMatch = Literal["depth", "cka", "r2"]
-LAYER_MATCHES = ("depth", "cka", "r2")
-"""How the map's layer pairs are chosen."""
-
-LayerSets = Mapping[str, Sequence[int] | None] | Sequence[tuple[str, Sequence[int] | None]] | None
-"""``{name: target layers, or None for every layer}``, or the same as ``(name, layers)`` pairs."""
-
 Log = Callable[[str], None]
 """A progress callback: one message per call."""
-
-
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
-
-
-@dataclass(frozen=True)
-class AnalysisConfig:
-    """Every setting of :func:`run_analysis`, checked when the config is made.
-
-    Everything that can be checked without the models is checked here (the layers against
-    the target once it is loaded, by :func:`plan_layers`). Each field's
-    ``metadata["help"]`` says what it is. Normalised on construction: ``emotions`` and
-    ``sweep_methods`` become tuples, ``alphas`` a sorted tuple of distinct floats,
-    ``layer_sets`` a tuple of ``(name, layers or None)`` pairs (give it as a mapping;
-    ``None`` is ``{"all": None}``) and ``layers_for_lens`` a tuple, so a config is hashable.
-
-    Raises:
-        ValueError: a setting out of range, naming it and what would be valid; the
-            scenario split leaves too few scenarios for a part; ``layer_sets`` is empty;
-            ``map_path`` with a ``layer_match`` other than ``"depth"``.
-
-    Example:
-        >>> AnalysisConfig(emotions=["fear"], alphas=[2, 0.5], layer_sets={"all": None})
-    """
-
-    emotions: Sequence[str] = field(
-        default=EMOTIONS,
-        metadata=_help(
-            "emotions whose vectors are analysed (the t-SNE and separation always use all "
-            "six as labels)"
-        ),
-    )
-    n_map_texts: int = field(
-        default=500, metadata=_help("WikiSplit sentences to fit the map on (10% held out for R²)")
-    )
-    map_pairing: str = field(
-        default="auto",
-        metadata=_help(
-            f"map pairing, one of {', '.join(PAIRINGS)} (auto: every token for one tokenizer, "
-            "word ends across tokenizers); the CKA pairs states the same way"
-        ),
-    )
-    map_method: str = field(default="svd", metadata=_help("svd (paper) or ridge"))
-    layer_match: str = field(
-        default="depth",
-        metadata=_help(
-            "layer pairs of the map: depth (paper: same relative depth), or the best monotone "
-            "matching of a cka or r2 (held-out map R²) similarity matrix; not with map_path"
-        ),
-    )
-    n_similarity_texts: int = field(
-        default=100, metadata=_help("WikiSplit sentences for the layer-similarity matrix")
-    )
-    similarity_max_gb: float = field(
-        default=1.0,
-        metadata=_help("memory for the CKA moments; layers are thinned evenly to fit"),
-    )
-    n_refine: int = field(
-        default=50, metadata=_help("refinement scenarios per emotion (and as many negatives)")
-    )
-    n_fewshot: int = field(
-        default=3, metadata=_help("solved examples per emotion in the Token Acc prompt")
-    )
-    n_per_emotion: int = field(
-        default=20,
-        metadata=_help("scenarios per emotion for t-SNE/separation, negatives for shifts and PCA"),
-    )
-    n_sweep_negatives: int = field(
-        default=10, metadata=_help("validation negatives per emotion for Token Acc in the sweep")
-    )
-    n_ppl_texts: int = field(
-        default=16,
-        metadata=_help("held-out WikiSplit sentences for perplexity (0: no perplexity)"),
-    )
-    n_norm_texts: int = field(
-        default=100, metadata=_help("held-out WikiSplit sentences for the norm profiles")
-    )
-    alphas: Sequence[float] = field(
-        default=DEFAULT_ALPHAS,
-        metadata=_help("sweep strengths, each > 0 (alpha 0 is always run as base)"),
-    )
-    alpha: float = field(
-        default=1.0, metadata=_help("strength for token shifts and PCA (finite, non-zero)")
-    )
-    layer_sets: LayerSets = field(
-        default=(("all", None),),
-        metadata=_help(
-            "steered target-layer sets of the sweep: {name: layers, or None for every layer "
-            "the vector has}; stored as (name, layers) pairs"
-        ),
-    )
-    layers_for_lens: Sequence[int] | None = field(
-        default=None,
-        metadata=_help(
-            "target layers of the token-shift tables (default: a middle and a late one); "
-            "each must be mapped"
-        ),
-    )
-    pca_layer: int | None = field(
-        default=None,
-        metadata=_help("target layer of the PCA and t-SNE (default: the last lens layer)"),
-    )
-    pca_emotion: str | None = field(
-        default=None,
-        metadata=_help("whose vector the PCA adds (default: the first of emotions)"),
-    )
-    sweep_methods: Sequence[str] = field(
-        default=("transplanted", "self"),
-        metadata=_help(
-            f"vectors of the sweep, any of {', '.join(SWEEP_METHODS)} (random: a random "
-            "direction with the transplanted vector's norm per layer)"
-        ),
-    )
-    top_k: int = field(
-        default=10, metadata=_help("tokens per text counted in the shift tables (the paper's k)")
-    )
-    top_tokens: int = field(default=15, metadata=_help("rows per token-shift table"))
-    tsne_perplexity: float | None = field(
-        default=None, metadata=_help("t-SNE perplexity (default: min(30, points / 4))")
-    )
-    max_ppl_ratio: float = field(
-        default=1.5,
-        metadata=_help("perplexity allowed over base (a factor >= 1) when picking alpha"),
-    )
-    ppl_max_length: int = field(default=64, metadata=_help("tokens per perplexity text (>= 2)"))
-    batch_size: int = field(default=16, metadata=_help("texts per forward pass"))
-    seed: int = field(
-        default=0,
-        metadata=_help("seeds the split, the map's held-out texts, random directions and t-SNE"),
-    )
-    map_path: str | os.PathLike[str] | None = field(
-        default=None,
-        metadata=_help(
-            "a saved ResidualMap (NAME of NAME.safetensors) to use instead of fitting one; "
-            "it must belong to these two models"
-        ),
-    )
-
-    def __post_init__(self) -> None:
-        self._check_choices()
-        self._check_sizes()
-        self._check_strengths()
-        if not self.max_ppl_ratio >= 1:
-            raise ValueError(f"max_ppl_ratio must be >= 1, got {self.max_ppl_ratio}")
-        scenario_split(self, seed=0)  # enough scenarios for every part (any seed)
-        if self.ppl_max_length < 2:
-            raise ValueError(f"ppl_max_length must be >= 2, got {self.ppl_max_length}")
-        sets = _layer_set_pairs(self.layer_sets)
-        if not sets:
-            raise ValueError("layer_sets is empty; give at least one, e.g. {'all': None}")
-        if self.map_path is not None and self.layer_match != "depth":
-            raise ValueError(
-                f"layer_match={self.layer_match!r} chooses the layer pairs of a map to fit, but "
-                "map_path loads a map with its own pairs; drop one of them"
-            )
-        lens = self.layers_for_lens
-        if lens is not None and not isinstance(lens, str) and isinstance(lens, Iterable):
-            lens = tuple(lens)  # a string is left for plan_layers to refuse by name
-        _set = object.__setattr__
-        _set(self, "emotions", tuple(self.emotions))
-        _set(self, "sweep_methods", tuple(self.sweep_methods))
-        _set(self, "alphas", tuple(sorted({float(a) for a in self.alphas})))
-        _set(self, "layer_sets", sets)
-        _set(self, "layers_for_lens", lens)
-
-    def _check_choices(self) -> None:
-        emotions = self.emotions
-        if isinstance(emotions, str):
-            raise ValueError(
-                f"emotions must be a list of emotion names, got the string {emotions!r}"
-            )
-        bad = [e for e in emotions if e not in EMOTIONS]
-        if bad or not emotions:
-            raise ValueError(f"emotions must be a non-empty subset of {list(EMOTIONS)}, got {bad}")
-        if len(set(emotions)) != len(emotions):
-            raise ValueError(f"emotions must be distinct, got {list(emotions)}")
-        if self.pca_emotion is not None and self.pca_emotion not in emotions:
-            raise ValueError(
-                f"pca_emotion {self.pca_emotion!r} must be one of emotions {list(emotions)}"
-            )
-        if self.map_pairing not in PAIRINGS:
-            raise ValueError(f"map_pairing must be one of {PAIRINGS}, got {self.map_pairing!r}")
-        if self.map_method not in MAP_METHODS:
-            raise ValueError(f"map_method must be one of {MAP_METHODS}, got {self.map_method!r}")
-        if self.layer_match not in LAYER_MATCHES:
-            raise ValueError(
-                f"layer_match must be one of {LAYER_MATCHES}, got {self.layer_match!r}"
-            )
-
-    def _check_sizes(self) -> None:
-        check_minimums(
-            {
-                "n_map_texts": (self.n_map_texts, 10),
-                "n_similarity_texts": (self.n_similarity_texts, 2),
-                "n_refine": (self.n_refine, 1),
-                "n_fewshot": (self.n_fewshot, 1),
-                "n_per_emotion": (self.n_per_emotion, 3),
-                "n_sweep_negatives": (self.n_sweep_negatives, 1),
-                "n_ppl_texts": (self.n_ppl_texts, 0),
-                "n_norm_texts": (self.n_norm_texts, 1),
-                "top_k": (self.top_k, 1),
-                "top_tokens": (self.top_tokens, 1),
-                "batch_size": (self.batch_size, 1),
-            }
-        )
-        if not self.similarity_max_gb > 0:
-            raise ValueError(f"similarity_max_gb must be > 0, got {self.similarity_max_gb}")
-
-    def _check_strengths(self) -> None:
-        alphas, alpha = self.alphas, self.alpha
-        if isinstance(alphas, (int, float)):
-            raise ValueError(f"alphas must be a list of strengths, got the number {alphas!r}")
-        alphas = list(alphas)
-        if not alphas:
-            raise ValueError("alphas is empty; give strengths > 0, e.g. 0.25,0.5,1,2 (0 is base)")
-        wrong = [a for a in alphas if not (math.isfinite(a) and a > 0)]
-        if wrong:
-            raise ValueError(
-                f"every alpha in alphas must be a finite number > 0 (alpha 0 is always run as "
-                f"the unsteered base), got {wrong}; e.g. 0.25,0.5,1,2"
-            )
-        if not (math.isfinite(alpha) and alpha != 0):
-            raise ValueError(
-                f"alpha (for token shifts and PCA) must be finite and non-zero: {alpha}"
-            )
-        methods = self.sweep_methods
-        if isinstance(methods, str):
-            raise ValueError(f"sweep_methods must be a list, got the string {methods!r}")
-        bad = [m for m in methods if m not in SWEEP_METHODS]
-        if bad or not methods:
-            raise ValueError(
-                f"sweep_methods must be a non-empty subset of {list(SWEEP_METHODS)}, got "
-                f"{list(methods)}"
-            )
-        perp = self.tsne_perplexity
-        if perp is not None and not perp > 0:
-            raise ValueError(f"tsne_perplexity must be > 0 or None, got {perp}")
-        n_points = self.n_per_emotion * len(EMOTIONS)
-        if perp is not None and perp >= n_points:
-            raise ValueError(
-                f"tsne_perplexity {perp} must be below the number of points "
-                f"(n_per_emotion x 6 = {n_points})"
-            )
-
-    def layer_set_dict(self) -> dict[str, tuple[int, ...] | None]:
-        """``layer_sets`` as ``{name: target layers or None}`` (unchecked)."""
-        return dict(_layer_set_pairs(self.layer_sets))
-
-
-def _layer_set_pairs(sets: Any) -> tuple[tuple[str, tuple[int, ...] | None], ...]:
-    """``{name: layers}`` (or ``(name, layers)`` pairs; ``None``: every layer) as pairs."""
-    if sets is None:
-        return (("all", None),)
-    items = sets.items() if isinstance(sets, Mapping) else sets
-    return tuple((str(k), None if v is None else tuple(v)) for k, v in items)
-
-
-def scenario_split(config: AnalysisConfig, *, seed: int) -> EmotionSplit:
-    """The scenario split, with enough validation scenarios for the sweep's negatives.
-
-    Raises:
-        ValueError: too few scenarios for ``config``'s sizes.
-    """
-    n_validation = max(20, math.ceil(config.n_sweep_negatives / (len(EMOTIONS) - 1)))
-    split = split_scenarios(
-        emotion_scenarios(),
-        n_fewshot=config.n_fewshot,
-        n_refine=config.n_refine,
-        n_validation=n_validation,
-        seed=seed,
-    )
-    have = min(len(v) for v in split.evaluation.values())
-    if config.n_per_emotion > have:
-        raise ValueError(
-            f"n_per_emotion={config.n_per_emotion} but with n_fewshot={config.n_fewshot}, "
-            f"n_refine={config.n_refine} and {n_validation} validation scenarios the smallest "
-            f"emotion keeps {have} evaluation scenarios; lower n_per_emotion or n_refine"
-        )
-    return split
 
 
 # --- layers ------------------------------------------------------------------------------
@@ -517,7 +234,7 @@ def plan_layers(config: AnalysisConfig, target: Any) -> LayerPlan:
     else:
         pca_layer = check_layers(target, [config.pca_layer])[0]
     sets: dict[str, list[int] | None] = {}
-    for set_name, layers in _layer_set_pairs(config.layer_sets):
+    for set_name, layers in config.layer_set_dict().items():
         sets[str(set_name)] = None if layers is None else check_layers(target, list(layers))
     return LayerPlan(lens_layers, pca_layer, config.pca_emotion or config.emotions[0], sets)
 
@@ -1091,7 +808,8 @@ def pick_alpha(
 
     Among rows with ``alpha > 0`` whose ``fluency`` is at most ``max_ppl_ratio`` times
     the ``alpha == 0`` row's (any, when fluency was not measured), the one with the
-    highest ``effect``; ties go to the smaller α.
+    highest ``effect``; ties go to the smaller α
+    (:func:`contrans_tl.pipelines.alpha.best_alpha_within_fluency`).
 
     Args:
         rows: one series of :func:`run_analysis`'s sweep (dicts with ``alpha``, the
@@ -1109,19 +827,15 @@ def pick_alpha(
         1
     """
     base = [r for r in rows if float(r["alpha"]) == 0]
-    base_f = base[0].get(fluency) if base else None
-    ok = []
-    for r in rows:
-        if float(r["alpha"]) <= 0 or r.get(effect) is None:
-            continue
-        f = r.get(fluency)
-        if base_f is not None and f is not None and not f <= max_ppl_ratio * base_f:
-            continue
-        ok.append(r)
-    if not ok:
+    steered = [r for r in rows if float(r["alpha"]) > 0 and r.get(effect) is not None]
+    if not steered:
         return None
-    best = max(ok, key=lambda r: (float(r[effect]), -float(r["alpha"])))
-    return float(best["alpha"])
+    return best_alpha_within_fluency(
+        {float(r["alpha"]): float(r[effect]) for r in steered},
+        {float(r["alpha"]): r.get(fluency) for r in steered},
+        base_fluency=base[0].get(fluency) if base else None,
+        max_ratio=max_ppl_ratio,
+    )
 
 
 @dataclass(frozen=True)
@@ -1519,8 +1233,7 @@ def assemble_result(
 def write_summary(result: Mapping[str, Any], out: Path) -> tuple[Path, Path]:
     """Last step: write ``analysis.json`` (``result``) and ``summary.md`` into ``out``."""
     js = write_json(out / "analysis.json", result)
-    md = out / "summary.md"
-    md.write_text(summary_markdown(result), encoding="utf-8")
+    md = write_text(out / "summary.md", summary_markdown(result))
     return js, md
 
 

@@ -30,20 +30,19 @@ Example:
 import contextlib
 import functools
 import logging
-import math
 import os
 import platform
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, TypeVar, cast, get_args
+from typing import Any, TypeVar, cast
 
 import torch
 from tqdm.auto import tqdm
 
 from contrans_tl.concepts import ConceptVector, mean_differences
-from contrans_tl.data import EMOTIONS, emotion_scenarios, wikisplit_sentences
+from contrans_tl.data import EMOTIONS, wikisplit_sentences
 from contrans_tl.evals.emotion import (
     EmotionSplit,
     EmotionTask,
@@ -51,13 +50,14 @@ from contrans_tl.evals.emotion import (
     negatives,
     refinement_prompts,
     score,
-    split_scenarios,
 )
-from contrans_tl.io import load_artifact, save_artifact, write_json
-from contrans_tl.maps import PAIRINGS, MapMethod, Pairing, ResidualMap, fit_residual_map
+from contrans_tl.io import load_artifact, save_artifact, write_json, write_text
+from contrans_tl.maps import MapMethod, Pairing, ResidualMap, fit_residual_map
 from contrans_tl.models import model_provenance
+from contrans_tl.pipelines.alpha import best_alpha, control_alphas
 from contrans_tl.pipelines.cache import ResultCache, model_fingerprint, open_cache, tensor_digest
-from contrans_tl.sites import check_layers, layer_index
+from contrans_tl.pipelines.configs import N_VALIDATION, EmotionConfig, check_minimums, check_out_dir
+from contrans_tl.sites import check_layers
 from contrans_tl.steering import make_steering
 
 __all__ = [
@@ -85,13 +85,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-N_VALIDATION = 20
-"""Validation scenarios per emotion (the negatives that pick α)."""
-
 STEP_VERSIONS = {"refine": 1, "fit_map": 1, "predict": 1}
 """Version of each cached step; raise one when that step computes something else."""
 
-_MAP_METHODS = get_args(MapMethod)
 Row = dict[str, Any]
 T = TypeVar("T")
 
@@ -99,219 +95,6 @@ T = TypeVar("T")
 # --------------------------------------------------------------------------------------------
 # Settings
 # --------------------------------------------------------------------------------------------
-
-
-def check_out_dir(out_dir: str | os.PathLike[str], *, name: str = "out_dir") -> Path:
-    """Check that ``out_dir`` can be the output folder of a run, without creating it.
-
-    Fine: an existing writable folder (empty or not: files of the same names in it are
-    replaced), or a path that does not exist yet whose nearest existing ancestor is a
-    writable folder. Nothing is created here; a run creates the folder when it writes.
-
-    Args:
-        out_dir: the output folder.
-        name: what to call it in messages (``"--out"`` for the command line).
-
-    Returns:
-        ``out_dir`` as a :class:`~pathlib.Path` (``~`` expanded).
-
-    Raises:
-        ValueError: ``out_dir`` is empty.
-        NotADirectoryError: ``out_dir`` is an existing file, or lies under one.
-        PermissionError: the folder, or the nearest existing ancestor it would be created
-            in, is not writable.
-    """
-    if not str(os.fspath(out_dir)).strip():
-        raise ValueError(f"{name} is empty; give the folder to write the results into")
-    path = Path(out_dir).expanduser()
-    probe = path
-    while True:
-        try:
-            exists = probe.exists() or probe.is_symlink()
-        except OSError as e:
-            raise PermissionError(f"{name} {str(out_dir)!r}: cannot look at {probe}: {e}") from None
-        if exists or probe == probe.parent:
-            break
-        probe = probe.parent
-    if not probe.is_dir():
-        where = "is an existing file" if probe == path else f"is under {probe}, which is a file"
-        raise NotADirectoryError(
-            f"{name} {str(out_dir)!r} {where}, not a folder; give a folder (existing, or new "
-            "under an existing folder)"
-        )
-    if not os.access(probe, os.W_OK | os.X_OK):
-        where = "is a folder" if probe == path else f"would be created in {probe}, a folder"
-        raise PermissionError(
-            f"{name} {str(out_dir)!r} {where} that this user cannot write to; give a "
-            "writable folder"
-        )
-    return path
-
-
-def check_minimums(minimum: Mapping[str, tuple[object, int]]) -> None:
-    """Check counts: ``{name: (value, lowest valid)}``; each must be an int ``>= lowest``.
-
-    Raises:
-        ValueError: naming the first count that is not an integer or is too small.
-    """
-    for name, (value, low) in minimum.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-
-
-def _check_alphas(alphas: object) -> tuple[float, ...]:
-    if isinstance(alphas, (str, bytes)) or not isinstance(alphas, Sequence):
-        raise ValueError(f"alphas must be a list of strengths > 0, got {alphas!r}")
-    values = []
-    for a in alphas:
-        if isinstance(a, bool) or not isinstance(a, (int, float)):
-            raise ValueError(f"alphas must be real numbers, got {a!r} in {list(alphas)}")
-        values.append(float(a))
-    if not values:
-        raise ValueError("alphas is empty; give strengths > 0, e.g. 0.05,0.1,0.2 (0 is base)")
-    wrong = [a for a in values if not (math.isfinite(a) and a > 0)]
-    if wrong:
-        raise ValueError(
-            f"alphas must be finite numbers > 0 (alpha 0 is always run as the unsteered "
-            f"'base'), got {wrong}; e.g. 0.05,0.1,0.2"
-        )
-    return tuple(sorted(set(values)))
-
-
-def _check_pairings(pairings: object, map_method: object) -> tuple[Any, ...]:
-    if isinstance(pairings, str):
-        raise ValueError(f"pairings must be a list of pairings, got the string {pairings!r}")
-    if not isinstance(pairings, Sequence):
-        raise ValueError(f"pairings must be a non-empty list of {list(PAIRINGS)}, got {pairings!r}")
-    bad = [p for p in pairings if p not in PAIRINGS]
-    if bad or not pairings:
-        raise ValueError(
-            f"pairings must be a non-empty list of {list(PAIRINGS)}, got {list(pairings)}"
-        )
-    if len(set(pairings)) != len(pairings):
-        raise ValueError(f"pairings must be distinct, got {list(pairings)}")
-    if map_method not in _MAP_METHODS:
-        raise ValueError(f"map_method must be one of {list(_MAP_METHODS)}, got {map_method!r}")
-    return tuple(pairings)
-
-
-def _check_split_sizes(config: "EmotionConfig") -> None:
-    n_texts = len(wikisplit_sentences())
-    if config.n_map_texts > n_texts:
-        raise ValueError(
-            f"n_map_texts must be at most {n_texts} (the WikiSplit sentences there are), "
-            f"got {config.n_map_texts}"
-        )
-    n_fewshot, n_refine = config.n_fewshot, config.n_refine
-    have = min(len(v) for v in emotion_scenarios().values())
-    if n_fewshot + n_refine + N_VALIDATION + 1 > have:
-        raise ValueError(
-            f"n_refine={n_refine} with n_fewshot={n_fewshot} leaves no evaluation scenarios: "
-            f"the smallest emotion has {have} scenarios for few-shot + refinement + "
-            f"{N_VALIDATION} validation + at least 1 evaluation; n_refine can be at most "
-            f"{have - n_fewshot - N_VALIDATION - 1} with this n_fewshot"
-        )
-    split = config.split()
-    for part, n, name in (
-        ("validation", config.n_validation_negatives, "n_validation_negatives"),
-        ("evaluation", config.n_negatives, "n_negatives"),
-    ):
-        pool = getattr(split, part)
-        have = min(sum(len(pool[o]) for o in EMOTIONS if o != e) for e in EMOTIONS)
-        if n > have:
-            raise ValueError(
-                f"{name} must be at most {have} (the {part} scenarios of the other emotions "
-                f"with n_fewshot={n_fewshot}, n_refine={n_refine}), got {n}"
-            )
-
-
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
-
-
-@dataclass(frozen=True)
-class EmotionConfig:
-    """Every setting of the emotion experiment, validated when made.
-
-    Sequences are stored as tuples, ``alphas`` sorted and without duplicates; ``layers``
-    are checked as indices here, and against the target when the experiment runs.
-    ``pairings`` are :data:`~contrans_tl.maps.Pairing` names and ``map_method`` a
-    :data:`~contrans_tl.maps.MapMethod` (checked here, so typed as ``str``).
-
-    Raises:
-        ValueError: a setting out of range, naming it and what would be valid.
-    """
-
-    alphas: Sequence[float] = field(
-        default=(0.05, 0.1, 0.2, 0.4, 0.8),
-        metadata=_help("strengths (finite, > 0); alpha 0 is always run as the 'base' row"),
-    )
-    layers: Sequence[int] | None = field(
-        default=None, metadata=_help("target layers to steer (None: all of them, as the paper)")
-    )
-    pairings: Sequence[str] = field(
-        default=("last", "word_ends"),
-        metadata=_help(
-            "map pairings to compare, each a contrans_<pairing> method: last, word_ends, all, auto"
-        ),
-    )
-    map_method: str = field(default="svd", metadata=_help("map fit: 'svd' (the paper) or 'ridge'"))
-    n_map_texts: int = field(
-        default=2000, metadata=_help("WikiSplit sentences for the maps (a tenth held out for R²)")
-    )
-    n_refine: int = field(
-        default=100, metadata=_help("refinement scenarios per emotion (and as many negatives)")
-    )
-    n_fewshot: int = field(
-        default=3, metadata=_help("solved examples per emotion in the few-shot prefix")
-    )
-    n_negatives: int = field(default=50, metadata=_help("evaluation negatives per emotion"))
-    n_validation_negatives: int = field(
-        default=30, metadata=_help("validation negatives per emotion (they pick alpha)")
-    )
-    batch_size: int = field(default=16, metadata=_help("prompts per forward pass"))
-    seed: int = field(
-        default=0, metadata=_help("seeds the splits, held-out texts and random directions")
-    )
-    include_self: bool = field(
-        default=True, metadata=_help("add the Self reference (the target's own vectors)")
-    )
-    include_random: bool = field(
-        default=True, metadata=_help("add the random_<pairing> references (same norms)")
-    )
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "alphas", _check_alphas(self.alphas))
-        if self.layers is not None:
-            check_layers(10**6, self.layers)  # indices only; the range once the target is known
-            object.__setattr__(self, "layers", tuple(layer_index(k) for k in self.layers))
-        object.__setattr__(self, "pairings", _check_pairings(self.pairings, self.map_method))
-        check_minimums(
-            {
-                "n_map_texts": (self.n_map_texts, 10),
-                "n_refine": (self.n_refine, 1),
-                "n_fewshot": (self.n_fewshot, 1),
-                "n_negatives": (self.n_negatives, 1),
-                "n_validation_negatives": (self.n_validation_negatives, 1),
-                "batch_size": (self.batch_size, 1),
-            }
-        )
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
-        for name in ("include_self", "include_random"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        _check_split_sizes(self)
-
-    def split(self) -> EmotionSplit:
-        """The scenario split these settings cut (seeded)."""
-        return split_scenarios(
-            emotion_scenarios(),
-            n_fewshot=self.n_fewshot,
-            n_refine=self.n_refine,
-            n_validation=N_VALIDATION,
-            seed=self.seed,
-        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -659,17 +442,17 @@ def pick_alphas(
 ) -> dict[str, float]:
     """Step 7: per method, the α of the highest mean validation Token Acc (ties: smallest α).
 
-    A ``random_<pairing>`` method gets the α picked for ``contrans_<pairing>``.
+    A ``random_<pairing>`` method gets the α picked for ``contrans_<pairing>``. The rules
+    are :func:`contrans_tl.pipelines.alpha.best_alpha` and
+    :func:`~contrans_tl.pipelines.alpha.control_alphas`.
     """
-    selected = {}
-    for m in methods:
-        if not m.startswith("random_"):
-            selected[m] = max(
-                alphas, key=lambda a: (_mean(rows, "validation", m, a, "token_acc"), -a)
-            )
-    for m in methods:
-        if m.startswith("random_"):
-            selected[m] = selected["contrans_" + m[len("random_") :]]
+    selected = {
+        m: best_alpha({a: _mean(rows, "validation", m, a, "token_acc") for a in alphas})
+        for m in methods
+        if not m.startswith("random_")
+    }
+    controls = {m: "contrans_" + m[len("random_") :] for m in methods if m.startswith("random_")}
+    selected.update(control_alphas(selected, controls))
     return selected
 
 
@@ -709,10 +492,7 @@ def write_results(out: Path, result: Mapping[str, Any]) -> None:
     """Step 8: ``results.json`` and ``results.md`` in ``out`` (created; each written atomically)."""
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "results.json", result)
-    md = out / "results.md"
-    tmp = out / ".results.md.tmp"
-    tmp.write_text(write_markdown(result))
-    os.replace(tmp, md)
+    write_text(out / "results.md", write_markdown(result))
 
 
 # --------------------------------------------------------------------------------------------
@@ -928,4 +708,13 @@ def _maps_table(maps: Mapping[str, Any]) -> list[str]:
             lines.append(
                 f"| {p} | {info['info']['n_pairs_train']} | {r2:.3f} | {r2l:.3f} | {cl:.3f} |"
             )
+    lines += [
+        "",
+        "R² is 1 − (squared error of the mapped states) / (variance of the target's states "
+        "about their mean): 0 means no better than always predicting the mean state. Cosine "
+        "compares mapped and true states as raw vectors; residual states share a large "
+        "common direction, so a cosine near 1 can sit beside an R² near 0 (the map gets the "
+        "shared part right and the differences between texts wrong). Last-token R² is the "
+        "one that matters here: vectors are read and added at last tokens.",
+    ]
     return lines

@@ -1,0 +1,825 @@
+"""The settings of every pipeline and CLI command, as frozen, validated dataclasses.
+
+Each config checks everything that can be checked without a model when it is made, and
+names the setting and what would be valid when it refuses one. Each field's
+``metadata["help"]`` says what it is; the ``contrans`` command builds its options from
+these fields (:mod:`contrans_tl.cli_options`), so each setting is declared once.
+
+This module imports neither torch nor TransformerLens (checks that need them import
+them when they run), so ``contrans ... --help`` answers at once.
+
+* :class:`EmotionConfig`: the emotion transplant experiment (``contrans emotion``).
+* :class:`AnalysisConfig`: the analysis of one emotion transplant (``contrans analyze``).
+* :class:`RefineConfig`, :class:`MapConfig`, :class:`TransplantConfig`,
+  :class:`SteerConfig`, :class:`GenerateConfig`, :class:`EvaluateConfig`: the method's
+  own steps (``contrans refine``, ``fit-map``, ``transplant``, ``generate``,
+  ``evaluate``).
+"""
+
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from contrans_tl.data import EMOTIONS, emotion_scenarios, wikisplit_sentences
+
+if TYPE_CHECKING:
+    from contrans_tl.evals.emotion import EmotionSplit
+
+__all__ = [
+    "DEFAULT_ALPHAS",
+    "LAYER_MATCHES",
+    "MAP_METHODS",
+    "N_VALIDATION",
+    "PAIRINGS",
+    "SWEEP_METHODS",
+    "AnalysisConfig",
+    "EmotionConfig",
+    "LayerMatch",
+    "LayerSets",
+    "EVAL_TASKS",
+    "READ_POSITIONS",
+    "STEER_POSITIONS",
+    "STEER_SCALES",
+    "EvaluateConfig",
+    "GenerateConfig",
+    "MapConfig",
+    "RefineConfig",
+    "SteerConfig",
+    "TransplantConfig",
+    "check_minimums",
+    "check_out_dir",
+    "scenario_split",
+]
+
+PAIRINGS = ("auto", "last", "all", "word_ends")
+"""How a map pairs source and target states (:data:`contrans_tl.maps.Pairing`)."""
+N_VALIDATION = 20
+"""Validation scenarios per emotion (the negatives that pick α)."""
+DEFAULT_ALPHAS = (0.25, 0.5, 1.0, 2.0, 4.0)
+"""The strengths of the α sweep by default (α = 0, the unsteered base, is always run)."""
+SWEEP_METHODS = ("transplanted", "self", "random")
+"""The vectors the sweep can steer with."""
+MAP_METHODS = ("svd", "ridge")
+"""How the residual map is solved."""
+LayerMatch = Literal["depth", "cka", "r2"]
+LAYER_MATCHES = ("depth", "cka", "r2")
+"""How the map's layer pairs are chosen."""
+
+LayerSets = Mapping[str, Sequence[int] | None] | Sequence[tuple[str, Sequence[int] | None]] | None
+"""``{name: target layers, or None for every layer}``, or the same as ``(name, layers)`` pairs."""
+
+
+def check_out_dir(out_dir: str | os.PathLike[str], *, name: str = "out_dir") -> Path:
+    """Check that ``out_dir`` can be the output folder of a run, without creating it.
+
+    Fine: an existing writable folder (empty or not: files of the same names in it are
+    replaced), or a path that does not exist yet whose nearest existing ancestor is a
+    writable folder. Nothing is created here; a run creates the folder when it writes.
+
+    Args:
+        out_dir: the output folder.
+        name: what to call it in messages (``"--out"`` for the command line).
+
+    Returns:
+        ``out_dir`` as a :class:`~pathlib.Path` (``~`` expanded).
+
+    Raises:
+        ValueError: ``out_dir`` is empty.
+        NotADirectoryError: ``out_dir`` is an existing file, or lies under one.
+        PermissionError: the folder, or the nearest existing ancestor it would be created
+            in, is not writable.
+    """
+    if not str(os.fspath(out_dir)).strip():
+        raise ValueError(f"{name} is empty; give the folder to write the results into")
+    path = Path(out_dir).expanduser()
+    probe = path
+    while True:
+        try:
+            exists = probe.exists() or probe.is_symlink()
+        except OSError as e:
+            raise PermissionError(f"{name} {str(out_dir)!r}: cannot look at {probe}: {e}") from None
+        if exists or probe == probe.parent:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        where = "is an existing file" if probe == path else f"is under {probe}, which is a file"
+        raise NotADirectoryError(
+            f"{name} {str(out_dir)!r} {where}, not a folder; give a folder (existing, or new "
+            "under an existing folder)"
+        )
+    if not os.access(probe, os.W_OK | os.X_OK):
+        where = "is a folder" if probe == path else f"would be created in {probe}, a folder"
+        raise PermissionError(
+            f"{name} {str(out_dir)!r} {where} that this user cannot write to; give a "
+            "writable folder"
+        )
+    return path
+
+
+def check_minimums(minimum: Mapping[str, tuple[object, int]]) -> None:
+    """Check counts: ``{name: (value, lowest valid)}``; each must be an int ``>= lowest``.
+
+    Raises:
+        ValueError: naming the first count that is not an integer or is too small.
+    """
+    for name, (value, low) in minimum.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def _check_alphas(alphas: object) -> tuple[float, ...]:
+    if isinstance(alphas, (str, bytes)) or not isinstance(alphas, Sequence):
+        raise ValueError(f"alphas must be a list of strengths > 0, got {alphas!r}")
+    values = []
+    for a in alphas:
+        if isinstance(a, bool) or not isinstance(a, (int, float)):
+            raise ValueError(f"alphas must be real numbers, got {a!r} in {list(alphas)}")
+        values.append(float(a))
+    if not values:
+        raise ValueError("alphas is empty; give strengths > 0, e.g. 0.05,0.1,0.2 (0 is base)")
+    wrong = [a for a in values if not (math.isfinite(a) and a > 0)]
+    if wrong:
+        raise ValueError(
+            f"alphas must be finite numbers > 0 (alpha 0 is always run as the unsteered "
+            f"'base'), got {wrong}; e.g. 0.05,0.1,0.2"
+        )
+    return tuple(sorted(set(values)))
+
+
+def _check_pairings(pairings: object, map_method: object) -> tuple[Any, ...]:
+    if isinstance(pairings, str):
+        raise ValueError(f"pairings must be a list of pairings, got the string {pairings!r}")
+    if not isinstance(pairings, Sequence):
+        raise ValueError(f"pairings must be a non-empty list of {list(PAIRINGS)}, got {pairings!r}")
+    bad = [p for p in pairings if p not in PAIRINGS]
+    if bad or not pairings:
+        raise ValueError(
+            f"pairings must be a non-empty list of {list(PAIRINGS)}, got {list(pairings)}"
+        )
+    if len(set(pairings)) != len(pairings):
+        raise ValueError(f"pairings must be distinct, got {list(pairings)}")
+    if map_method not in MAP_METHODS:
+        raise ValueError(f"map_method must be one of {list(MAP_METHODS)}, got {map_method!r}")
+    return tuple(pairings)
+
+
+def _check_split_sizes(config: "EmotionConfig") -> None:
+    n_texts = len(wikisplit_sentences())
+    if config.n_map_texts > n_texts:
+        raise ValueError(
+            f"n_map_texts must be at most {n_texts} (the WikiSplit sentences there are), "
+            f"got {config.n_map_texts}"
+        )
+    n_fewshot, n_refine = config.n_fewshot, config.n_refine
+    have = min(len(v) for v in emotion_scenarios().values())
+    if n_fewshot + n_refine + N_VALIDATION + 1 > have:
+        raise ValueError(
+            f"n_refine={n_refine} with n_fewshot={n_fewshot} leaves no evaluation scenarios: "
+            f"the smallest emotion has {have} scenarios for few-shot + refinement + "
+            f"{N_VALIDATION} validation + at least 1 evaluation; n_refine can be at most "
+            f"{have - n_fewshot - N_VALIDATION - 1} with this n_fewshot"
+        )
+    split = config.split()
+    for part, n, name in (
+        ("validation", config.n_validation_negatives, "n_validation_negatives"),
+        ("evaluation", config.n_negatives, "n_negatives"),
+    ):
+        pool = getattr(split, part)
+        have = min(sum(len(pool[o]) for o in EMOTIONS if o != e) for e in EMOTIONS)
+        if n > have:
+            raise ValueError(
+                f"{name} must be at most {have} (the {part} scenarios of the other emotions "
+                f"with n_fewshot={n_fewshot}, n_refine={n_refine}), got {n}"
+            )
+
+
+def _help(text: str, **cli: Any) -> dict[str, Any]:
+    """Field metadata: ``help`` is what ``--help`` shows for the field's option; ``cli``
+    holds how :mod:`contrans_tl.cli_options` makes the option (``flag``, ``choices``,
+    ``cli="layers"`` for a layer spec resolved against the model, ``none``: what a
+    default of ``None`` means)."""
+    return {"help": text, **cli}
+
+
+@dataclass(frozen=True)
+class EmotionConfig:
+    """Every setting of the emotion experiment, validated when made.
+
+    Sequences are stored as tuples, ``alphas`` sorted and without duplicates; ``layers``
+    are checked as indices here, and against the target when the experiment runs.
+    ``pairings`` are :data:`~contrans_tl.maps.Pairing` names and ``map_method`` a
+    :data:`~contrans_tl.maps.MapMethod` (checked here, so typed as ``str``).
+
+    Raises:
+        ValueError: a setting out of range, naming it and what would be valid.
+    """
+
+    alphas: Sequence[float] = field(
+        default=(0.05, 0.1, 0.2, 0.4, 0.8),
+        metadata=_help("strengths (finite, > 0); alpha 0 is always run as the 'base' row"),
+    )
+    layers: Sequence[int] | None = field(
+        default=None,
+        metadata=_help(
+            "target layers to steer: 'all' (the paper), '3,5,7' or '4-10' (None: all)",
+            cli="layers",
+            none="all",
+        ),
+    )
+    pairings: Sequence[str] = field(
+        default=("last", "word_ends"),
+        metadata=_help(
+            "map pairings to compare, each a contrans_<pairing> method: last, word_ends, all, auto"
+        ),
+    )
+    map_method: str = field(
+        default="svd", metadata=_help("map fit: 'svd' (the paper) or 'ridge'", choices=MAP_METHODS)
+    )
+    n_map_texts: int = field(
+        default=2000, metadata=_help("WikiSplit sentences for the maps (a tenth held out for R²)")
+    )
+    n_refine: int = field(
+        default=100, metadata=_help("refinement scenarios per emotion (and as many negatives)")
+    )
+    n_fewshot: int = field(
+        default=3, metadata=_help("solved examples per emotion in the few-shot prefix")
+    )
+    n_negatives: int = field(default=50, metadata=_help("evaluation negatives per emotion"))
+    n_validation_negatives: int = field(
+        default=30, metadata=_help("validation negatives per emotion (they pick alpha)")
+    )
+    batch_size: int = field(default=16, metadata=_help("prompts per forward pass"))
+    seed: int = field(
+        default=0, metadata=_help("seeds the splits, held-out texts and random directions")
+    )
+    include_self: bool = field(
+        default=True,
+        metadata=_help(
+            "add the Self reference (the target's own vectors)",
+            flag="--no-self",
+            switch="skip the Self reference (the target's own vectors)",
+        ),
+    )
+    include_random: bool = field(
+        default=True,
+        metadata=_help(
+            "add the random_<pairing> references (same norms)",
+            flag="--no-random",
+            switch="skip the random_<pairing> references",
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "alphas", _check_alphas(self.alphas))
+        if self.layers is not None:
+            from contrans_tl.sites import check_layers, layer_index
+
+            check_layers(10**6, self.layers)  # indices only; the range once the target is known
+            object.__setattr__(self, "layers", tuple(layer_index(k) for k in self.layers))
+        object.__setattr__(self, "pairings", _check_pairings(self.pairings, self.map_method))
+        check_minimums(
+            {
+                "n_map_texts": (self.n_map_texts, 10),
+                "n_refine": (self.n_refine, 1),
+                "n_fewshot": (self.n_fewshot, 1),
+                "n_negatives": (self.n_negatives, 1),
+                "n_validation_negatives": (self.n_validation_negatives, 1),
+                "batch_size": (self.batch_size, 1),
+            }
+        )
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        for name in ("include_self", "include_random"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        _check_split_sizes(self)
+
+    def split(self) -> "EmotionSplit":
+        """The scenario split these settings cut (seeded)."""
+        from contrans_tl.evals.emotion import split_scenarios
+
+        return split_scenarios(
+            emotion_scenarios(),
+            n_fewshot=self.n_fewshot,
+            n_refine=self.n_refine,
+            n_validation=N_VALIDATION,
+            seed=self.seed,
+        )
+
+
+@dataclass(frozen=True)
+class AnalysisConfig:
+    """Every setting of :func:`run_analysis`, checked when the config is made.
+
+    Everything that can be checked without the models is checked here (the layers against
+    the target once it is loaded, by :func:`plan_layers`). Each field's
+    ``metadata["help"]`` says what it is. Normalised on construction: ``emotions`` and
+    ``sweep_methods`` become tuples, ``alphas`` a sorted tuple of distinct floats,
+    ``layer_sets`` a tuple of ``(name, layers or None)`` pairs (give it as a mapping;
+    ``None`` is ``{"all": None}``) and ``layers_for_lens`` a tuple, so a config is hashable.
+
+    Raises:
+        ValueError: a setting out of range, naming it and what would be valid; the
+            scenario split leaves too few scenarios for a part; ``layer_sets`` is empty;
+            ``map_path`` with a ``layer_match`` other than ``"depth"``.
+
+    Example:
+        >>> AnalysisConfig(emotions=["fear"], alphas=[2, 0.5], layer_sets={"all": None})
+    """
+
+    emotions: Sequence[str] = field(
+        default=EMOTIONS,
+        metadata=_help(
+            "emotions whose vectors are analysed (the t-SNE and separation always use all "
+            "six as labels)"
+        ),
+    )
+    n_map_texts: int = field(
+        default=500, metadata=_help("WikiSplit sentences to fit the map on (10% held out for R²)")
+    )
+    map_pairing: str = field(
+        default="auto",
+        metadata=_help(
+            f"map pairing, one of {', '.join(PAIRINGS)} (auto: every token for one tokenizer, "
+            "word ends across tokenizers); the CKA pairs states the same way",
+            choices=PAIRINGS,
+        ),
+    )
+    map_method: str = field(
+        default="svd", metadata=_help("svd (paper) or ridge", choices=MAP_METHODS)
+    )
+    layer_match: str = field(
+        default="depth",
+        metadata=_help(
+            "layer pairs of the map: depth (paper: same relative depth), or the best monotone "
+            "matching of a cka or r2 (held-out map R²) similarity matrix; not with map_path",
+            choices=LAYER_MATCHES,
+        ),
+    )
+    n_similarity_texts: int = field(
+        default=100, metadata=_help("WikiSplit sentences for the layer-similarity matrix")
+    )
+    similarity_max_gb: float = field(
+        default=1.0,
+        metadata=_help("memory for the CKA moments; layers are thinned evenly to fit"),
+    )
+    n_refine: int = field(
+        default=50, metadata=_help("refinement scenarios per emotion (and as many negatives)")
+    )
+    n_fewshot: int = field(
+        default=3, metadata=_help("solved examples per emotion in the Token Acc prompt")
+    )
+    n_per_emotion: int = field(
+        default=20,
+        metadata=_help("scenarios per emotion for t-SNE/separation, negatives for shifts and PCA"),
+    )
+    n_sweep_negatives: int = field(
+        default=10, metadata=_help("validation negatives per emotion for Token Acc in the sweep")
+    )
+    n_ppl_texts: int = field(
+        default=16,
+        metadata=_help("held-out WikiSplit sentences for perplexity (0: no perplexity)"),
+    )
+    n_norm_texts: int = field(
+        default=100, metadata=_help("held-out WikiSplit sentences for the norm profiles")
+    )
+    alphas: Sequence[float] = field(
+        default=DEFAULT_ALPHAS,
+        metadata=_help("sweep strengths, each > 0 (alpha 0 is always run as base)"),
+    )
+    alpha: float = field(
+        default=1.0, metadata=_help("strength for token shifts and PCA (finite, non-zero)")
+    )
+    layer_sets: LayerSets = field(
+        default=(("all", None),),
+        metadata=_help(
+            "steered target-layer sets of the sweep: {name: layers, or None for every layer "
+            "the vector has}; stored as (name, layers) pairs",
+            cli="layers",
+            flag="--layers",
+            cli_help="steered target-layer sets of the sweep, ';'-separated, each 'all', "
+            "'3,5,7' or '4-10', e.g. 'all;0-8;9-17'",
+            shown_default="all",
+        ),
+    )
+    layers_for_lens: Sequence[int] | None = field(
+        default=None,
+        metadata=_help(
+            "target layers of the token-shift tables (default: a middle and a late one); "
+            "each must be mapped",
+            cli="layers",
+            flag="--lens-layers",
+            none="a middle and a late layer",
+        ),
+    )
+    pca_layer: int | None = field(
+        default=None,
+        metadata=_help("target layer of the PCA and t-SNE (default: the last lens layer)"),
+    )
+    pca_emotion: str | None = field(
+        default=None,
+        metadata=_help("whose vector the PCA adds (default: the first of emotions)"),
+    )
+    sweep_methods: Sequence[str] = field(
+        default=("transplanted", "self"),
+        metadata=_help(
+            f"vectors of the sweep, any of {', '.join(SWEEP_METHODS)} (random: a random "
+            "direction with the transplanted vector's norm per layer)"
+        ),
+    )
+    top_k: int = field(
+        default=10, metadata=_help("tokens per text counted in the shift tables (the paper's k)")
+    )
+    top_tokens: int = field(default=15, metadata=_help("rows per token-shift table"))
+    tsne_perplexity: float | None = field(
+        default=None, metadata=_help("t-SNE perplexity (default: min(30, points / 4))")
+    )
+    max_ppl_ratio: float = field(
+        default=1.5,
+        metadata=_help("perplexity allowed over base (a factor >= 1) when picking alpha"),
+    )
+    ppl_max_length: int = field(default=64, metadata=_help("tokens per perplexity text (>= 2)"))
+    batch_size: int = field(default=16, metadata=_help("texts per forward pass"))
+    seed: int = field(
+        default=0,
+        metadata=_help("seeds the split, the map's held-out texts, random directions and t-SNE"),
+    )
+    map_path: str | os.PathLike[str] | None = field(
+        default=None,
+        metadata=_help(
+            "a saved ResidualMap (NAME of NAME.safetensors) to use instead of fitting one; "
+            "it must belong to these two models",
+            flag="--map",
+            metavar="NAME",
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        self._check_choices()
+        self._check_sizes()
+        self._check_strengths()
+        if not self.max_ppl_ratio >= 1:
+            raise ValueError(f"max_ppl_ratio must be >= 1, got {self.max_ppl_ratio}")
+        scenario_split(self, seed=0)  # enough scenarios for every part (any seed)
+        if self.ppl_max_length < 2:
+            raise ValueError(f"ppl_max_length must be >= 2, got {self.ppl_max_length}")
+        sets = _layer_set_pairs(self.layer_sets)
+        if not sets:
+            raise ValueError("layer_sets is empty; give at least one, e.g. {'all': None}")
+        if self.map_path is not None and self.layer_match != "depth":
+            raise ValueError(
+                f"layer_match={self.layer_match!r} chooses the layer pairs of a map to fit, but "
+                "map_path loads a map with its own pairs; drop one of them"
+            )
+        lens = self.layers_for_lens
+        if lens is not None and not isinstance(lens, str) and isinstance(lens, Iterable):
+            lens = tuple(lens)  # a string is left for plan_layers to refuse by name
+        _set = object.__setattr__
+        _set(self, "emotions", tuple(self.emotions))
+        _set(self, "sweep_methods", tuple(self.sweep_methods))
+        _set(self, "alphas", tuple(sorted({float(a) for a in self.alphas})))
+        _set(self, "layer_sets", sets)
+        _set(self, "layers_for_lens", lens)
+
+    def _check_choices(self) -> None:
+        emotions = self.emotions
+        if isinstance(emotions, str):
+            raise ValueError(
+                f"emotions must be a list of emotion names, got the string {emotions!r}"
+            )
+        bad = [e for e in emotions if e not in EMOTIONS]
+        if bad or not emotions:
+            raise ValueError(f"emotions must be a non-empty subset of {list(EMOTIONS)}, got {bad}")
+        if len(set(emotions)) != len(emotions):
+            raise ValueError(f"emotions must be distinct, got {list(emotions)}")
+        if self.pca_emotion is not None and self.pca_emotion not in emotions:
+            raise ValueError(
+                f"pca_emotion {self.pca_emotion!r} must be one of emotions {list(emotions)}"
+            )
+        if self.map_pairing not in PAIRINGS:
+            raise ValueError(f"map_pairing must be one of {PAIRINGS}, got {self.map_pairing!r}")
+        if self.map_method not in MAP_METHODS:
+            raise ValueError(f"map_method must be one of {MAP_METHODS}, got {self.map_method!r}")
+        if self.layer_match not in LAYER_MATCHES:
+            raise ValueError(
+                f"layer_match must be one of {LAYER_MATCHES}, got {self.layer_match!r}"
+            )
+
+    def _check_sizes(self) -> None:
+        check_minimums(
+            {
+                "n_map_texts": (self.n_map_texts, 10),
+                "n_similarity_texts": (self.n_similarity_texts, 2),
+                "n_refine": (self.n_refine, 1),
+                "n_fewshot": (self.n_fewshot, 1),
+                "n_per_emotion": (self.n_per_emotion, 3),
+                "n_sweep_negatives": (self.n_sweep_negatives, 1),
+                "n_ppl_texts": (self.n_ppl_texts, 0),
+                "n_norm_texts": (self.n_norm_texts, 1),
+                "top_k": (self.top_k, 1),
+                "top_tokens": (self.top_tokens, 1),
+                "batch_size": (self.batch_size, 1),
+            }
+        )
+        if not self.similarity_max_gb > 0:
+            raise ValueError(f"similarity_max_gb must be > 0, got {self.similarity_max_gb}")
+
+    def _check_strengths(self) -> None:
+        alphas, alpha = self.alphas, self.alpha
+        if isinstance(alphas, (int, float)):
+            raise ValueError(f"alphas must be a list of strengths, got the number {alphas!r}")
+        alphas = list(alphas)
+        if not alphas:
+            raise ValueError("alphas is empty; give strengths > 0, e.g. 0.25,0.5,1,2 (0 is base)")
+        wrong = [a for a in alphas if not (math.isfinite(a) and a > 0)]
+        if wrong:
+            raise ValueError(
+                f"every alpha in alphas must be a finite number > 0 (alpha 0 is always run as "
+                f"the unsteered base), got {wrong}; e.g. 0.25,0.5,1,2"
+            )
+        if not (math.isfinite(alpha) and alpha != 0):
+            raise ValueError(
+                f"alpha (for token shifts and PCA) must be finite and non-zero: {alpha}"
+            )
+        methods = self.sweep_methods
+        if isinstance(methods, str):
+            raise ValueError(f"sweep_methods must be a list, got the string {methods!r}")
+        bad = [m for m in methods if m not in SWEEP_METHODS]
+        if bad or not methods:
+            raise ValueError(
+                f"sweep_methods must be a non-empty subset of {list(SWEEP_METHODS)}, got "
+                f"{list(methods)}"
+            )
+        perp = self.tsne_perplexity
+        if perp is not None and not perp > 0:
+            raise ValueError(f"tsne_perplexity must be > 0 or None, got {perp}")
+        n_points = self.n_per_emotion * len(EMOTIONS)
+        if perp is not None and perp >= n_points:
+            raise ValueError(
+                f"tsne_perplexity {perp} must be below the number of points "
+                f"(n_per_emotion x 6 = {n_points})"
+            )
+
+    def layer_set_dict(self) -> dict[str, tuple[int, ...] | None]:
+        """``layer_sets`` as ``{name: target layers or None}`` (unchecked)."""
+        return dict(_layer_set_pairs(self.layer_sets))
+
+
+def _layer_set_pairs(sets: Any) -> tuple[tuple[str, tuple[int, ...] | None], ...]:
+    """``{name: layers}`` (or ``(name, layers)`` pairs; ``None``: every layer) as pairs."""
+    if sets is None:
+        return (("all", None),)
+    items = sets.items() if isinstance(sets, Mapping) else sets
+    return tuple((str(k), None if v is None else tuple(v)) for k, v in items)
+
+
+def scenario_split(config: AnalysisConfig, *, seed: int) -> "EmotionSplit":
+    """The scenario split, with enough validation scenarios for the sweep's negatives.
+
+    Raises:
+        ValueError: too few scenarios for ``config``'s sizes.
+    """
+    from contrans_tl.evals.emotion import split_scenarios
+
+    n_validation = max(20, math.ceil(config.n_sweep_negatives / (len(EMOTIONS) - 1)))
+    split = split_scenarios(
+        emotion_scenarios(),
+        n_fewshot=config.n_fewshot,
+        n_refine=config.n_refine,
+        n_validation=n_validation,
+        seed=seed,
+    )
+    have = min(len(v) for v in split.evaluation.values())
+    if config.n_per_emotion > have:
+        raise ValueError(
+            f"n_per_emotion={config.n_per_emotion} but with n_fewshot={config.n_fewshot}, "
+            f"n_refine={config.n_refine} and {n_validation} validation scenarios the smallest "
+            f"emotion keeps {have} evaluation scenarios; lower n_per_emotion or n_refine"
+        )
+    return split
+
+
+# --------------------------------------------------------------------------------------------
+# The method's own steps (contrans refine / fit-map / transplant / generate / evaluate)
+# --------------------------------------------------------------------------------------------
+
+STEER_POSITIONS = ("all", "prompt", "generated")
+"""Which tokens a steering adds to (:data:`contrans_tl.steering.StepPositions`)."""
+STEER_SCALES = ("raw", "relative")
+"""How α scales a vector (:data:`contrans_tl.steering.Scale`)."""
+READ_POSITIONS = ("last", "all", "word_ends")
+"""Which tokens' states a refinement reads (:data:`contrans_tl.activations.Positions`)."""
+
+
+def _check_choice(name: str, value: object, valid: Sequence[str]) -> None:
+    if value not in valid:
+        raise ValueError(f"{name} must be one of {list(valid)}, got {value!r}")
+
+
+def _check_finite(name: str, value: object, *, positive: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or not math.isfinite(float(value)) or (positive and not float(value) > 0):  # type: ignore[arg-type]
+        want = "a finite number > 0" if positive else "a finite number"
+        raise ValueError(f"{name} must be {want}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class RefineConfig:
+    """Settings of ``contrans refine``: a concept vector from positive and negative prompts
+    (paper Eq. 1: mean of the positive states minus mean of the negative states).
+
+    Raises:
+        ValueError: a setting out of range, naming it.
+    """
+
+    layers: Sequence[int] | None = field(
+        default=None, metadata=_help("layers to read", cli="layers", none="all")
+    )
+    positions: str = field(
+        default="last",
+        metadata=_help("which tokens' states are averaged", choices=READ_POSITIONS),
+    )
+    n_refine: int = field(
+        default=100,
+        metadata=_help("with --emotion: refinement scenarios per side (the paper's split)"),
+    )
+    batch_size: int = field(default=16, metadata=_help("prompts per forward pass"))
+    seed: int = field(default=0, metadata=_help("with --emotion: seeds the scenario split"))
+
+    def __post_init__(self) -> None:
+        _check_choice("positions", self.positions, READ_POSITIONS)
+        check_minimums({"n_refine": (self.n_refine, 1), "batch_size": (self.batch_size, 1)})
+        check_minimums({"seed": (self.seed, -(2**63))})
+
+
+@dataclass(frozen=True)
+class MapConfig:
+    """Settings of ``contrans fit-map``: per-layer linear maps from a source model's
+    residual stream to a target's (paper Eq. 2), fitted on plain sentences.
+
+    Raises:
+        ValueError: a setting out of range, naming it.
+    """
+
+    n_texts: int = field(
+        default=500,
+        metadata=_help("WikiSplit sentences to fit on, when --texts is not given"),
+    )
+    pairing: str = field(
+        default="auto",
+        metadata=_help(
+            "which states are paired: last, all (same tokenizer), word_ends, or auto "
+            "(all for one tokenizer, word_ends otherwise)",
+            choices=PAIRINGS,
+        ),
+    )
+    method: str = field(
+        default="svd", metadata=_help("'svd' (the paper) or 'ridge'", choices=MAP_METHODS)
+    )
+    ridge: float = field(default=1e-3, metadata=_help("ridge strength, for method 'ridge'"))
+    heldout_fraction: float = field(
+        default=0.1, metadata=_help("share of the texts held out for the maps' R²")
+    )
+    max_length: int = field(default=128, metadata=_help("tokens per text (longer are cut)"))
+    batch_size: int = field(default=16, metadata=_help("texts per forward pass"))
+    seed: int = field(default=0, metadata=_help("seeds the held-out split"))
+
+    def __post_init__(self) -> None:
+        _check_choice("pairing", self.pairing, PAIRINGS)
+        _check_choice("method", self.method, MAP_METHODS)
+        check_minimums(
+            {
+                "n_texts": (self.n_texts, 10),
+                "max_length": (self.max_length, 2),
+                "batch_size": (self.batch_size, 1),
+            }
+        )
+        _check_finite("ridge", self.ridge)
+        if not self.ridge >= 0:
+            raise ValueError(f"ridge must be >= 0, got {self.ridge}")
+        if not 0 < self.heldout_fraction < 1:
+            raise ValueError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+
+
+@dataclass(frozen=True)
+class TransplantConfig:
+    """Settings of ``contrans transplant``: a source vector carried through a map.
+
+    Attributes:
+        strict: refuse a vector whose model id or weight processing differs from the
+            map's source (width and layer count are always checked).
+    """
+
+    strict: bool = field(
+        default=True,
+        metadata=_help(
+            "refuse a vector of another model id than the map's source",
+            flag="--no-strict",
+            switch="accept a vector whose model id differs from the map's source (same shape)",
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class SteerConfig:
+    """How a vector is added (``contrans generate`` and ``contrans evaluate``).
+
+    Raises:
+        ValueError: a setting out of range, naming it.
+    """
+
+    alpha: float = field(default=1.0, metadata=_help("strength α of the added vector"))
+    layers: Sequence[int] | None = field(
+        default=None,
+        metadata=_help("layers to steer", cli="layers", none="every layer of the vector"),
+    )
+    positions: str = field(
+        default="all",
+        metadata=_help("which tokens get the vector", choices=STEER_POSITIONS),
+    )
+    scale: str = field(
+        default="raw",
+        metadata=_help(
+            "'raw': add α·v; 'relative': α times the layer's mean residual norm along v/|v|",
+            choices=STEER_SCALES,
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        _check_finite("alpha", self.alpha)
+        _check_choice("positions", self.positions, STEER_POSITIONS)
+        _check_choice("scale", self.scale, STEER_SCALES)
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """Settings of ``contrans generate`` (greedy, batched, KV-cached)."""
+
+    max_new_tokens: int = field(default=32, metadata=_help("tokens to generate per prompt"))
+    batch_size: int = field(default=8, metadata=_help("prompts per batch"))
+
+    def __post_init__(self) -> None:
+        check_minimums(
+            {"max_new_tokens": (self.max_new_tokens, 1), "batch_size": (self.batch_size, 1)}
+        )
+
+
+EVAL_TASKS = ("emotion", "truthfulqa", "toxigen", "perplexity")
+"""What ``contrans evaluate`` measures."""
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Settings of ``contrans evaluate TASK`` (base and, with a vector, steered).
+
+    Each task reads only the settings it needs: ``emotion`` Token/Logit Acc of the vector's
+    emotion on the other emotions' evaluation scenarios; ``truthfulqa`` MC1 (and MC2);
+    ``toxigen`` the toxic share of continuations of hate prompts (offline classifier);
+    ``perplexity`` on held-out WikiSplit sentences.
+
+    Raises:
+        ValueError: a setting out of range, naming it.
+    """
+
+    n_items: int | None = field(
+        default=None,
+        metadata=_help(
+            "items to evaluate: negatives (emotion), questions (truthfulqa), prompts per "
+            "group (toxigen), sentences (perplexity)",
+            none="50 / all 817 / 20 / 200",
+        ),
+    )
+    emotion: str | None = field(
+        default=None,
+        metadata=_help(
+            "emotion task: the emotion to score (default: the vector's concept)",
+            choices=EMOTIONS,
+        ),
+    )
+    instruction: str | None = field(
+        default=None,
+        metadata=_help("truthfulqa / toxigen: an instruction put in each prompt (Inst-Align)"),
+    )
+    mc2: bool = field(default=False, metadata=_help("truthfulqa: also score MC2"))
+    max_new_tokens: int = field(default=32, metadata=_help("toxigen: tokens generated per prompt"))
+    max_length: int = field(default=128, metadata=_help("perplexity: tokens per sentence"))
+    batch_size: int = field(default=16, metadata=_help("items per forward pass"))
+    seed: int = field(default=0, metadata=_help("seeds the item splits"))
+
+    def __post_init__(self) -> None:
+        if self.n_items is not None:
+            check_minimums({"n_items": (self.n_items, 1)})
+        if self.emotion is not None:
+            _check_choice("emotion", self.emotion, EMOTIONS)
+        if self.instruction is not None and not self.instruction.strip():
+            raise ValueError("instruction is empty; leave it out or give some text")
+        check_minimums(
+            {
+                "max_new_tokens": (self.max_new_tokens, 1),
+                "max_length": (self.max_length, 2),
+                "batch_size": (self.batch_size, 1),
+            }
+        )
