@@ -558,7 +558,8 @@ def test_cli_end_to_end(folders, tmp_path, capsys, small_llama, small_gemma):
     )
     assert code == 0
     printed = capsys.readouterr().out
-    assert "self · layers 2-4" in printed and f"figures and summary.md in {out}" in printed
+    assert "self · layers 2-4" in printed
+    assert f"figures, analysis.json and summary.md in {out}" in printed
     for name in FIGURES:
         assert _png_ok(out / f"{name}.png") and (out / f"{name}.json").exists(), name
     assert (out / "token_shifts_L1.md").exists() and (out / "token_shifts_L4.md").exists()
