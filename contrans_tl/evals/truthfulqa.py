@@ -74,6 +74,7 @@ from contrans_tl.tokens import pad_token_id
 
 __all__ = [
     "PLAIN_TEMPLATE",
+    "encode_prompt",
     "PLAIN_INSTRUCTION_TEMPLATE",
     "HONESTY_TEMPLATE",
     "HONESTY_PERSONAS",
@@ -248,8 +249,16 @@ def _adds_bos(tok: Any) -> bool:
     return bos is not None and list(tok("a")["input_ids"][:1]) == [bos]
 
 
-def _encode(tok: Any, text: str) -> list[int]:
-    """``text``'s tokens: no automatic special tokens, then BOS where the tokenizer adds it."""
+def encode_prompt(tok: Any, text: str) -> list[int]:
+    """``text``'s tokens: no automatic special tokens, then BOS where the tokenizer adds it.
+
+    Use it for text that already holds its special tokens (a rendered chat template), so
+    that tokenizing never gives two BOS tokens.
+
+    Example:
+        >>> encode_prompt(tok, render_user_turn(tok, "Hi"))[:1] == [tok.bos_token_id]
+        True
+    """
     ids = list(tok(text, add_special_tokens=False)["input_ids"])
     if _adds_bos(tok) and ids[:1] != [tok.bos_token_id]:
         ids = [int(tok.bos_token_id)] + ids
@@ -415,13 +424,13 @@ def encode_choices(
     if isinstance(choices, str):
         raise TypeError("choices must be a list of answers, got one str; wrap it in a list")
     tok = tokenizer_of(model_or_tokenizer)
-    ctx = _encode(tok, context)
+    ctx = encode_prompt(tok, context)
     if not ctx:
         raise ValueError(f"context {context[:60]!r} has no tokens")
     out: list[list[int]] = []
     exact: list[bool] = []
     for c in choices:
-        full = _encode(tok, context + separator + c)
+        full = encode_prompt(tok, context + separator + c)
         if full[: len(ctx)] == ctx and len(full) > len(ctx):
             out.append(full[len(ctx) :])
             exact.append(True)

@@ -10,6 +10,8 @@ them when they run), so ``contrans ... --help`` answers at once.
 
 * :class:`EmotionConfig`: the emotion transplant experiment (``contrans emotion``).
 * :class:`AnalysisConfig`: the analysis of one emotion transplant (``contrans analyze``).
+* :class:`DapaConfig`: DAPA against ConTrans on an aligned model and its harmful fine-tune
+  (``experiments/run_dapa.py``).
 * :class:`RefineConfig`, :class:`MapConfig`, :class:`TransplantConfig`,
   :class:`SteerConfig`, :class:`GenerateConfig`, :class:`EvaluateConfig`: the method's
   own steps (``contrans refine``, ``fit-map``, ``transplant``, ``generate``,
@@ -36,6 +38,8 @@ __all__ = [
     "PAIRINGS",
     "SWEEP_METHODS",
     "AnalysisConfig",
+    "DapaConfig",
+    "MODULE_KINDS",
     "EmotionConfig",
     "LayerMatch",
     "LayerSets",
@@ -823,3 +827,83 @@ class EvaluateConfig:
                 "batch_size": (self.batch_size, 1),
             }
         )
+
+
+MODULE_KINDS = ("q", "k", "v", "o", "attn", "gate", "up", "down", "mlp")
+"""Module kinds of a decoder layer that DAPA can transplant (:mod:`contrans_tl.dapa`)."""
+
+
+@dataclass(frozen=True)
+class DapaConfig:
+    """Settings of the DAPA experiment (``experiments/run_dapa.py``).
+
+    The donor is an aligned chat model; the recipient is its harmful fine-tune
+    (:mod:`contrans_tl.finetune`) on AdvBench requests disjoint from every evaluated one
+    (:func:`contrans_tl.evals.refusal.split_advbench`: fine-tune / search / validation /
+    test parts of one seeded permutation).
+
+    Raises:
+        ValueError: a setting out of range, naming it.
+    """
+
+    donor: str = field(
+        default="qwen2.5-coder-0.5b-instruct",
+        metadata=_help("the aligned model (zoo name or folder)"),
+    )
+    ft_steps: int = field(default=20, metadata=_help("fine-tune: optimiser steps"))
+    ft_learning_rate: float = field(default=2e-5, metadata=_help("fine-tune: AdamW learning rate"))
+    ft_batch_size: int = field(default=8, metadata=_help("fine-tune: pairs per step"))
+    ft_seed: int = field(default=0, metadata=_help("fine-tune: seed of the pair order"))
+    split_seed: int = field(default=0, metadata=_help("seeds the AdvBench and TruthfulQA splits"))
+    n_test: int = field(default=160, metadata=_help("held-out harmful requests judged (<= 192)"))
+    n_benign: int = field(default=100, metadata=_help("benign requests for over-refusal"))
+    n_ppl: int = field(default=50, metadata=_help("held-out WikiSplit sentences for perplexity"))
+    n_mc1: int = field(default=100, metadata=_help("TruthfulQA questions for MC1"))
+    max_new_tokens: int = field(default=40, metadata=_help("tokens generated per request"))
+    batch_size: int = field(default=16, metadata=_help("requests per forward pass"))
+    search_kinds: tuple[str, ...] = field(
+        default=("attn", "mlp", "gate", "up", "down"),
+        metadata=_help("module kinds of the memory-space search", choices=MODULE_KINDS),
+    )
+    ddmin_tolerance: float = field(
+        default=0.05,
+        metadata=_help(
+            "a module set passes when its proxy DSR is at least the full transplant's minus this"
+        ),
+    )
+    n_random: int = field(default=2, metadata=_help("random module sets of the ddmin set's size"))
+    contrans_alphas: tuple[float, ...] = field(
+        default=(0.25, 0.5, 1.0, 2.0),
+        metadata=_help("ConTrans strengths tried on the validation part"),
+    )
+    n_map_texts: int = field(
+        default=300, metadata=_help("WikiSplit sentences the ConTrans map is fitted on")
+    )
+
+    def __post_init__(self) -> None:
+        check_minimums(
+            {
+                "ft_steps": (self.ft_steps, 1),
+                "ft_batch_size": (self.ft_batch_size, 1),
+                "n_test": (self.n_test, 1),
+                "n_benign": (self.n_benign, 1),
+                "n_ppl": (self.n_ppl, 1),
+                "n_mc1": (self.n_mc1, 1),
+                "max_new_tokens": (self.max_new_tokens, 1),
+                "batch_size": (self.batch_size, 1),
+                "n_random": (self.n_random, 0),
+                "n_map_texts": (self.n_map_texts, 2),
+            }
+        )
+        if self.n_test > 192:
+            raise ValueError(f"n_test must be <= 192 (the AdvBench test part), got {self.n_test}")
+        _check_finite("ft_learning_rate", self.ft_learning_rate, positive=True)
+        _check_finite("ddmin_tolerance", self.ddmin_tolerance)
+        if not 0 <= self.ddmin_tolerance < 1:
+            raise ValueError(f"ddmin_tolerance must be in [0, 1), got {self.ddmin_tolerance}")
+        for kind in self.search_kinds:
+            _check_choice("search_kinds", kind, MODULE_KINDS)
+        if not self.contrans_alphas:
+            raise ValueError("contrans_alphas must hold at least one strength")
+        for a in self.contrans_alphas:
+            _check_finite("contrans_alphas", a, positive=True)

@@ -1,0 +1,37 @@
+"""DAPA against ConTrans on Qwen2.5-Coder-0.5B-Instruct and its harmful fine-tune (issue 15).
+
+    python experiments/run_dapa.py                 # everything; resumes where it stopped
+    python experiments/run_dapa.py --until ddmin   # stop after a step
+
+Results (JSON, heatmap PNG, dapa.md) go to experiments/results/dapa/; every step is kept
+with its inputs, so a rerun recomputes nothing (see contrans_tl.pipelines.dapa).
+Steps: recipient, arms_base (donor, recipient), proxy, ddmin, arms (transplants, random
+controls, ConTrans), memory_space, report.
+"""
+
+import argparse
+import logging
+from pathlib import Path
+
+from contrans_tl.pipelines import dapa as P
+from contrans_tl.pipelines.configs import DapaConfig
+
+OUT = Path(__file__).parent / "results" / "dapa"
+STEPS = ("recipient", "arms_base", "proxy", "ddmin", "arms", "memory_space", "report")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--until", choices=STEPS, default="report")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
+    config = DapaConfig()
+    stop = STEPS.index(args.until)
+    P.run(config, args.out, stop_after=STEPS[stop])
+
+
+if __name__ == "__main__":
+    main()
