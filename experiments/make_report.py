@@ -589,8 +589,27 @@ def main() -> None:
     lines += emotion_summary()
     lines += ["## What moved inside the target (issue 5; `bash experiments/run_analysis.sh`)", ""]
     lines += analysis_section()
+    lines += ["", *dapa_section(RESULTS / "dapa")]
     Path(args.out).write_text("\n".join(lines).rstrip() + "\n")
     print(f"wrote {args.out}")
+
+
+def dapa_section(folder: Path) -> list[str]:
+    """DAPA against ConTrans on one aligned model and its harmful fine-tune (issue 15)."""
+    head = [
+        "## DAPA against ConTrans on one pair (issue 15; `python experiments/run_dapa.py`)",
+        "",
+        "Donor: Qwen2.5-Coder-0.5B-Instruct. Recipient: the donor fine-tuned on 100 AdvBench "
+        "requests with their affirmative openings (`contrans_tl.finetune`, recipe and weight "
+        "sha256 in `results/dapa/arm_recipient_dsr.json` inputs). Evaluated requests are "
+        "disjoint from those (`contrans_tl.evals.refusal.split_advbench`).",
+        "",
+    ]
+    if not folder.is_dir():
+        return head + ["Not run."]
+    from contrans_tl.pipelines.dapa import render_report
+
+    return head + render_report(folder)
 
 
 if __name__ == "__main__":

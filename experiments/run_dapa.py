@@ -13,6 +13,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from contrans_tl.io import write_json
 from contrans_tl.pipelines import dapa as P
 from contrans_tl.pipelines.configs import DapaConfig
 
@@ -26,11 +27,32 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--until", choices=STEPS, default="report")
+    parser.add_argument("--report-only", action="store_true", help="only rewrite dapa.md")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
     config = DapaConfig()
+    if args.report_only:
+        write_report(args.out)
+        return
     stop = STEPS.index(args.until)
-    P.run(config, args.out, stop_after=STEPS[stop])
+    if STEPS[stop] != "report":
+        P.run(config, args.out, stop_after=STEPS[stop])
+        return
+    P.run(config, args.out, stop_after="memory_space")
+    write_report(args.out)
+
+
+def write_report(out: Path) -> None:
+    """dapa.md and memory_space.png from the stored steps (no model is loaded)."""
+    from contrans_tl.dapa import plot_memory_space
+    from contrans_tl.io import write_text
+
+    space = P.memory_space_of(out)
+    if space is not None:
+        plot_memory_space(space, out / "memory_space.png")
+        write_json(out / "memory_space.json", space.to_json())
+    lines = ["# DAPA against ConTrans (issue 15)", "", *P.render_report(out), ""]
+    write_text(out / "dapa.md", "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -856,10 +856,10 @@ class DapaConfig:
     ft_seed: int = field(default=0, metadata=_help("fine-tune: seed of the pair order"))
     split_seed: int = field(default=0, metadata=_help("seeds the AdvBench and TruthfulQA splits"))
     n_test: int = field(default=160, metadata=_help("held-out harmful requests judged (<= 192)"))
-    n_benign: int = field(default=100, metadata=_help("benign requests for over-refusal"))
+    n_benign: int = field(default=80, metadata=_help("benign requests for over-refusal"))
     n_ppl: int = field(default=50, metadata=_help("held-out WikiSplit sentences for perplexity"))
     n_mc1: int = field(default=100, metadata=_help("TruthfulQA questions for MC1"))
-    max_new_tokens: int = field(default=40, metadata=_help("tokens generated per request"))
+    max_new_tokens: int = field(default=32, metadata=_help("tokens generated per request"))
     batch_size: int = field(default=16, metadata=_help("requests per forward pass"))
     search_kinds: tuple[str, ...] = field(
         default=("attn", "mlp", "gate", "up", "down"),
