@@ -862,7 +862,7 @@ class DapaConfig:
     max_new_tokens: int = field(default=32, metadata=_help("tokens generated per request"))
     batch_size: int = field(default=16, metadata=_help("requests per forward pass"))
     search_kinds: tuple[str, ...] = field(
-        default=("attn", "mlp", "gate", "up", "down"),
+        default=("gate", "up", "down", "mlp", "attn"),
         metadata=_help("module kinds of the memory-space search", choices=MODULE_KINDS),
     )
     ddmin_tolerance: float = field(
@@ -871,9 +871,9 @@ class DapaConfig:
             "a module set passes when its proxy DSR is at least the full transplant's minus this"
         ),
     )
-    n_random: int = field(default=2, metadata=_help("random module sets of the ddmin set's size"))
+    n_random: int = field(default=1, metadata=_help("random module sets of the ddmin set's size"))
     contrans_alphas: tuple[float, ...] = field(
-        default=(0.25, 0.5, 1.0, 2.0),
+        default=(0.1, 0.25, 0.5, 1.0),
         metadata=_help("ConTrans strengths tried on the validation part"),
     )
     n_map_texts: int = field(

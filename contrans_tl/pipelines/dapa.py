@@ -492,9 +492,16 @@ def contrans_refusal(
     return steering, info
 
 
-def config_json(config: DapaConfig) -> dict[str, Any]:
-    """The config as plain JSON values."""
-    return json.loads(json.dumps(asdict(config)))
+#: Settings that choose which steps run (or are the inputs of one step only) rather than
+#: change what the shared steps compute; left out of the shared inputs so that changing
+#: them does not recompute the arms.
+STEP_ONLY = ("n_random", "search_kinds", "ddmin_tolerance", "contrans_alphas")
+
+
+def config_json(config: DapaConfig, *, keep: Sequence[str] = ()) -> dict[str, Any]:
+    """The config as plain JSON values, without :data:`STEP_ONLY` fields unless kept."""
+    out = json.loads(json.dumps(asdict(config)))
+    return {k: v for k, v in out.items() if k not in STEP_ONLY or k in keep}
 
 
 ARM_ORDER = (
@@ -590,7 +597,9 @@ def run(config: DapaConfig, out: Path, *, stop_after: str = "report") -> dict[st
     if stop_after == "proxy":
         return arms
     found = store.get_or_compute(
-        "ddmin", inputs, lambda: run_ddmin(recipient, donor, data, config, out, inputs)
+        "ddmin",
+        {**inputs, "ddmin_tolerance": config.ddmin_tolerance},
+        lambda: run_ddmin(recipient, donor, data, config, out, inputs),
     )
     if stop_after == "ddmin":
         return arms
@@ -633,7 +642,9 @@ def _contrans(
         holder["steering"] = steering
         return info
 
-    info = store.get_or_compute("contrans_choice", inputs, compute)
+    info = store.get_or_compute(
+        "contrans_choice", {**inputs, "contrans_alphas": list(config.contrans_alphas)}, compute
+    )
     if "steering" not in holder:
         steering, again = contrans_refusal_at(donor, recipient, data, config, info["alpha"])
         holder["steering"] = steering
