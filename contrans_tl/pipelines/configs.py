@@ -871,6 +871,9 @@ class DapaConfig:
             "a module set passes when its proxy DSR is at least the full transplant's minus this"
         ),
     )
+    n_ddmin: int = field(
+        default=50, metadata=_help("validation requests a ddmin test reads (the first ones)")
+    )
     n_random: int = field(default=1, metadata=_help("random module sets of the ddmin set's size"))
     contrans_alphas: tuple[float, ...] = field(
         default=(0.1, 0.25, 0.5, 1.0),
@@ -892,6 +895,7 @@ class DapaConfig:
                 "max_new_tokens": (self.max_new_tokens, 1),
                 "batch_size": (self.batch_size, 1),
                 "n_random": (self.n_random, 0),
+                "n_ddmin": (self.n_ddmin, 1),
                 "n_map_texts": (self.n_map_texts, 2),
             }
         )

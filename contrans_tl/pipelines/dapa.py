@@ -274,9 +274,31 @@ def measure_arm(
     return arm_row(parts, describe(intervention))
 
 
-def proxy_dsr(scores: torch.Tensor) -> float:
-    """Share of requests whose first-token refusal log-odds is above 0."""
-    return float((scores > 0).float().mean())
+def proxy_dsr(scores: torch.Tensor, cutoff: float = 0.0) -> float:
+    """Share of requests whose first-token refusal log-odds is above ``cutoff``."""
+    return float((scores > cutoff).float().mean())
+
+
+def calibrate_cutoff(proxy: Mapping[str, Any]) -> dict[str, Any]:
+    """The log-odds cutoff at which the proxy best agrees with generated-text refusals.
+
+    Chosen on the validation part (the :func:`check_proxy` result: every model's scores
+    and generated calls pooled), from -4 to 2 in steps of 0.25; ties go to the cutoff
+    nearest 0. The test part is never used.
+    """
+    scores: list[float] = []
+    refused: list[bool] = []
+    for row in proxy.values():
+        if isinstance(row, Mapping):
+            scores += list(row["scores"])
+            refused += list(row["refused"])
+    grid = [-4 + 0.25 * i for i in range(25)]
+
+    def agreement(c: float) -> float:
+        return sum((s > c) == r for s, r in zip(scores, refused)) / len(scores)
+
+    best = max(grid, key=lambda c: (agreement(c), -abs(c)))
+    return {"cutoff": best, "agreement": agreement(best), "agreement_at_0": agreement(0.0)}
 
 
 def arm_interventions(
@@ -333,8 +355,13 @@ def check_proxy(
 
 
 def _proxy_test(
-    cache: Any, recipient: Any, donor: Any, threshold: float, log: list[dict[str, Any]]
-):
+    cache: Any,
+    recipient: Any,
+    donor: Any,
+    threshold: float,
+    log: list[dict[str, Any]],
+    cutoff: float,
+) -> Callable[[tuple[str, ...]], bool]:
     """The ddmin predicate: proxy DSR of the set (resumed from its lowest layer) >= threshold."""
     from contrans_tl.dapa import ModuleTransplant, parse_module
 
@@ -343,7 +370,7 @@ def _proxy_test(
         layer = min(parse_module(m)[1] for m in subset)
         with ModuleTransplant(recipient, donor, list(subset)):
             got = cache.resume(layer)
-        rate = proxy_dsr(got.score)
+        rate = proxy_dsr(got.score, cutoff)
         log.append(
             {
                 "subset": list(subset),
@@ -366,19 +393,28 @@ def run_ddmin(
     config: DapaConfig,
     folder: Path,
     context: Mapping[str, Any],
+    *,
+    cutoff: float = 0.0,
 ) -> dict[str, Any]:
     """Two-stage ddmin with the proxy on the validation part; each stage's tests cached.
 
-    Stage 1 minimises over ``mlp@L`` for every layer (the full set is the whole-MLP
-    transplant); stage 2 over the gate / up / down projections of the layers stage 1 kept.
-    A set passes when its proxy DSR is at least the whole-MLP transplant's minus
-    ``config.ddmin_tolerance``.
+    Stage 1 minimises over the attention and the MLP of every layer (``attn@L``,
+    ``mlp@L``: the full set is every block's weights but the norms); stage 2 over the
+    projections (q / k / v / o, gate / up / down) of the modules stage 1 kept. A set passes
+    when its proxy DSR (log-odds above ``cutoff``) on the first ``config.n_ddmin``
+    validation requests is at least the full set's minus ``config.ddmin_tolerance``.
     """
-    from contrans_tl.dapa import ModuleTransplant, ResidualCache, all_modules, model_n_layers
+    from contrans_tl.dapa import (
+        ModuleTransplant,
+        ResidualCache,
+        all_modules,
+        model_n_layers,
+        parse_module,
+    )
     from contrans_tl.ddmin import DDMinCache, ddmin
     from contrans_tl.evals.refusal import chat_prompts, refusal_token_ids
 
-    prompts = chat_prompts(recipient, data.validation)
+    prompts = chat_prompts(recipient, data.validation[: config.n_ddmin])
     cache = ResidualCache(
         recipient,
         prompts,
@@ -386,29 +422,34 @@ def run_ddmin(
         batch_size=config.batch_size,
     )
     n_layers = model_n_layers(recipient)
-    stage1 = all_modules(recipient, ("mlp",))
+    stage1 = all_modules(recipient, ("attn", "mlp"))
     with ModuleTransplant(recipient, donor, stage1):
-        full = proxy_dsr(cache.resume(0).score)
+        full = proxy_dsr(cache.resume(0).score, cutoff)
     threshold = full - config.ddmin_tolerance
-    ctx = {**context, "threshold": threshold, "tolerance": config.ddmin_tolerance}
+    ctx = {**context, "threshold": threshold, "cutoff": cutoff, "n": len(prompts)}
     log1: list[dict[str, Any]] = []
     r1 = ddmin(
         stage1,
-        _proxy_test(cache, recipient, donor, threshold, log1),
+        _proxy_test(cache, recipient, donor, threshold, log1, cutoff),
         cache=DDMinCache(folder / "ddmin_stage1_cache.json", {**ctx, "stage": 1}),
     )
-    layers = sorted(int(m.split("@")[1]) for m in r1.minimal)
-    stage2 = all_modules(recipient, ("gate", "up", "down"), layers=layers)
+    parts = {"attn": ("q", "k", "v", "o"), "mlp": ("gate", "up", "down")}
+    stage2 = []
+    for module in r1.minimal:
+        kind, layer = parse_module(module)
+        stage2 += [f"{k}@{layer}" for k in parts[kind]]
     log2: list[dict[str, Any]] = []
     r2 = ddmin(
         stage2,
-        _proxy_test(cache, recipient, donor, threshold, log2),
+        _proxy_test(cache, recipient, donor, threshold, log2, cutoff),
         cache=DDMinCache(folder / "ddmin_stage2_cache.json", {**ctx, "stage": 2}),
     )
     return {
-        "base_proxy_dsr": proxy_dsr(cache.base.score),
+        "base_proxy_dsr": proxy_dsr(cache.base.score, cutoff),
         "full_proxy_dsr": full,
         "threshold": threshold,
+        "cutoff": cutoff,
+        "n_requests": len(prompts),
         "n_layers": n_layers,
         "stage1": {**r1.to_json(), "tests": log1},
         "stage2": {**r2.to_json(), "tests": log2},
@@ -440,7 +481,7 @@ def run_memory_space(
 
 
 def contrans_refusal(
-    donor: Any, recipient: Any, data: DapaData, config: DapaConfig
+    donor: Any, recipient: Any, data: DapaData, config: DapaConfig, *, cutoff: float = 0.0
 ) -> tuple[Any, dict[str, Any]]:
     """ConTrans on the pair: donor refusal vector → map → recipient, α picked on validation.
 
@@ -462,7 +503,7 @@ def contrans_refusal(
     v_tgt = rmap.transplant(v)
     b = config.batch_size
     base_over = proxy_dsr(
-        first_token_refusal_scores(recipient, data.benign_validation, batch_size=b)
+        first_token_refusal_scores(recipient, data.benign_validation, batch_size=b), cutoff
     )
     sweep = []
     for alpha in config.contrans_alphas:
@@ -470,12 +511,14 @@ def contrans_refusal(
         dsr = proxy_dsr(
             first_token_refusal_scores(
                 recipient, data.validation, intervention=steering, batch_size=b
-            )
+            ),
+            cutoff,
         )
         over = proxy_dsr(
             first_token_refusal_scores(
                 recipient, data.benign_validation, intervention=steering, batch_size=b
-            )
+            ),
+            cutoff,
         )
         sweep.append({"alpha": alpha, "proxy_dsr": dsr, "proxy_over_refusal": over})
         _log.info("ConTrans alpha %g: proxy DSR %.3f, proxy over-refusal %.3f", alpha, dsr, over)
@@ -495,7 +538,7 @@ def contrans_refusal(
 #: Settings that choose which steps run (or are the inputs of one step only) rather than
 #: change what the shared steps compute; left out of the shared inputs so that changing
 #: them does not recompute the arms.
-STEP_ONLY = ("n_random", "search_kinds", "ddmin_tolerance", "contrans_alphas")
+STEP_ONLY = ("n_random", "search_kinds", "ddmin_tolerance", "contrans_alphas", "n_ddmin")
 
 
 def config_json(config: DapaConfig, *, keep: Sequence[str] = ()) -> dict[str, Any]:
@@ -581,7 +624,7 @@ def run(config: DapaConfig, out: Path, *, stop_after: str = "report") -> dict[st
         "heuristic": heuristic_modules(n_layers),
     }
     swaps = arm_interventions(recipient, donor, sets)
-    store.get_or_compute(
+    proxy = store.get_or_compute(
         "proxy",
         inputs,
         lambda: check_proxy(
@@ -596,10 +639,11 @@ def run(config: DapaConfig, out: Path, *, stop_after: str = "report") -> dict[st
     )
     if stop_after == "proxy":
         return arms
+    cal = calibrate_cutoff(proxy)
     found = store.get_or_compute(
         "ddmin",
-        {**inputs, "ddmin_tolerance": config.ddmin_tolerance},
-        lambda: run_ddmin(recipient, donor, data, config, out, inputs),
+        {**inputs, "ddmin_tolerance": config.ddmin_tolerance, "n_ddmin": config.n_ddmin, **cal},
+        lambda: run_ddmin(recipient, donor, data, config, out, inputs, cutoff=cal["cutoff"]),
     )
     if stop_after == "ddmin":
         return arms
@@ -611,7 +655,7 @@ def run(config: DapaConfig, out: Path, *, stop_after: str = "report") -> dict[st
     swaps = arm_interventions(recipient, donor, sets)
     for name, swap in swaps.items():
         arms[name] = _arm(store, name, recipient, swap, data, config, inputs)
-    steering, cinfo = _contrans(store, donor, recipient, data, config, inputs)
+    steering, cinfo = _contrans(store, donor, recipient, data, config, inputs, cal["cutoff"])
     arms["contrans"] = _arm(
         store, "contrans", recipient, steering, data, config, {**inputs, "contrans": cinfo}
     )
@@ -633,30 +677,33 @@ def _contrans(
     data: DapaData,
     config: DapaConfig,
     inputs: Mapping[str, Any],
+    cutoff: float,
 ) -> tuple[Any, dict[str, Any]]:
     """The ConTrans arm's steering; its α choice is a stored step, the vector is recomputed."""
     holder: dict[str, Any] = {}
 
     def compute() -> dict[str, Any]:
-        steering, info = contrans_refusal(donor, recipient, data, config)
+        steering, info = contrans_refusal(donor, recipient, data, config, cutoff=cutoff)
         holder["steering"] = steering
         return info
 
     info = store.get_or_compute(
-        "contrans_choice", {**inputs, "contrans_alphas": list(config.contrans_alphas)}, compute
+        "contrans_choice",
+        {**inputs, "contrans_alphas": list(config.contrans_alphas), "cutoff": cutoff},
+        compute,
     )
     if "steering" not in holder:
-        steering, again = contrans_refusal_at(donor, recipient, data, config, info["alpha"])
+        steering, _ = contrans_refusal_at(donor, recipient, data, config, info["alpha"], cutoff)
         holder["steering"] = steering
     return holder["steering"], info
 
 
 def contrans_refusal_at(
-    donor: Any, recipient: Any, data: DapaData, config: DapaConfig, alpha: float
+    donor: Any, recipient: Any, data: DapaData, config: DapaConfig, alpha: float, cutoff: float
 ) -> tuple[Any, dict[str, Any]]:
     """The ConTrans steering at a given α (vector and map made as in :func:`contrans_refusal`)."""
     one = DapaConfig(**{**asdict(config), "contrans_alphas": (alpha,)})
-    return contrans_refusal(donor, recipient, data, one)
+    return contrans_refusal(donor, recipient, data, one, cutoff=cutoff)
 
 
 ARM_LABELS = {
@@ -818,12 +865,14 @@ def render_report(folder: str | Path, *, labels: str | Path | None = None) -> li
         s1, s2 = found["stage1"], found["stage2"]
         lines += [
             "",
-            "ddmin (proxy DSR on the validation part; a set passes at ≥ "
-            f"{100 * found['threshold']:.1f}%, "
-            f"the whole-MLP transplant's {100 * found['full_proxy_dsr']:.1f}% minus the tolerance; "
-            f"recipient {100 * found['base_proxy_dsr']:.1f}%): stage 1 over whole MLPs of "
-            f"{found['n_layers']} layers ran {s1['n_tests_run']} tests and kept "
-            f"{', '.join(s1['minimal'])}; stage 2 over their gate/up/down projections ran "
+            f"ddmin on the first {found.get('n_requests', '?')} validation requests with the "
+            f"proxy (refusal log-odds above {found.get('cutoff', 0):g}, the cutoff that agrees "
+            "best with generated text on the validation part); a set passes at ≥ "
+            f"{100 * found['threshold']:.1f}%, the full transplant's "
+            f"{100 * found['full_proxy_dsr']:.1f}% minus the tolerance (recipient "
+            f"{100 * found['base_proxy_dsr']:.1f}%). Stage 1 over the attention and the MLP of "
+            f"each of {found['n_layers']} layers ran {s1['n_tests_run']} tests and kept "
+            f"{', '.join(s1['minimal'])}; stage 2 over their projections ran "
             f"{s2['n_tests_run']} tests and kept {', '.join(s2['minimal'])}. Every test is in "
             "`ddmin.json` (set, proxy DSR, seconds).",
         ]
