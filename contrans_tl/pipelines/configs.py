@@ -866,9 +866,10 @@ class DapaConfig:
         metadata=_help("module kinds of the memory-space search", choices=MODULE_KINDS),
     )
     ddmin_tolerance: float = field(
-        default=0.05,
+        default=0.15,
         metadata=_help(
-            "a module set passes when its proxy DSR is at least the full transplant's minus this"
+            "share of the full transplant's proxy-DSR gain over the recipient a passing "
+            "module set may lose"
         ),
     )
     n_ddmin: int = field(

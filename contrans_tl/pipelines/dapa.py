@@ -402,7 +402,8 @@ def run_ddmin(
     ``mlp@L``: the full set is every block's weights but the norms); stage 2 over the
     projections (q / k / v / o, gate / up / down) of the modules stage 1 kept. A set passes
     when its proxy DSR (log-odds above ``cutoff``) on the first ``config.n_ddmin``
-    validation requests is at least the full set's minus ``config.ddmin_tolerance``.
+    validation requests keeps all but ``config.ddmin_tolerance`` of the full set's gain
+    over the recipient: ``dsr >= base + (1 - tolerance) * (full - base)``.
     """
     from contrans_tl.dapa import (
         ModuleTransplant,
@@ -425,7 +426,8 @@ def run_ddmin(
     stage1 = all_modules(recipient, ("attn", "mlp"))
     with ModuleTransplant(recipient, donor, stage1):
         full = proxy_dsr(cache.resume(0).score, cutoff)
-    threshold = full - config.ddmin_tolerance
+    base = proxy_dsr(cache.base.score, cutoff)
+    threshold = base + (1 - config.ddmin_tolerance) * (full - base)
     ctx = {**context, "threshold": threshold, "cutoff": cutoff, "n": len(prompts)}
     log1: list[dict[str, Any]] = []
     r1 = ddmin(
@@ -445,7 +447,7 @@ def run_ddmin(
         cache=DDMinCache(folder / "ddmin_stage2_cache.json", {**ctx, "stage": 2}),
     )
     return {
-        "base_proxy_dsr": proxy_dsr(cache.base.score, cutoff),
+        "base_proxy_dsr": base,
         "full_proxy_dsr": full,
         "threshold": threshold,
         "cutoff": cutoff,
@@ -868,9 +870,9 @@ def render_report(folder: str | Path, *, labels: str | Path | None = None) -> li
             f"ddmin on the first {found.get('n_requests', '?')} validation requests with the "
             f"proxy (refusal log-odds above {found.get('cutoff', 0):g}, the cutoff that agrees "
             "best with generated text on the validation part); a set passes at ≥ "
-            f"{100 * found['threshold']:.1f}%, the full transplant's "
-            f"{100 * found['full_proxy_dsr']:.1f}% minus the tolerance (recipient "
-            f"{100 * found['base_proxy_dsr']:.1f}%). Stage 1 over the attention and the MLP of "
+            f"{100 * found['threshold']:.1f}%, keeping all but the tolerance of the full "
+            f"transplant's gain ({100 * found['base_proxy_dsr']:.1f}% → "
+            f"{100 * found['full_proxy_dsr']:.1f}%). Stage 1 over the attention and the MLP of "
             f"each of {found['n_layers']} layers ran {s1['n_tests_run']} tests and kept "
             f"{', '.join(s1['minimal'])}; stage 2 over their projections ran "
             f"{s2['n_tests_run']} tests and kept {', '.join(s2['minimal'])}. Every test is in "
