@@ -5,8 +5,8 @@
 
 Results (JSON, heatmap PNG, dapa.md) go to experiments/results/dapa/; every step is kept
 with its inputs, so a rerun recomputes nothing (see contrans_tl.pipelines.dapa).
-Steps: recipient, arms_base (donor, recipient), proxy, ddmin, arms (transplants, random
-controls, ConTrans), memory_space, report.
+Steps: recipient, arms_base (donor, recipient), proxy, arms_fixed (whole-MLP and heuristic
+transplants, ConTrans), ddmin, arms (ddmin set, random controls), memory_space, report.
 """
 
 import argparse
@@ -18,7 +18,7 @@ from contrans_tl.pipelines import dapa as P
 from contrans_tl.pipelines.configs import DapaConfig
 
 OUT = Path(__file__).parent / "results" / "dapa"
-STEPS = ("recipient", "arms_base", "proxy", "ddmin", "arms", "memory_space", "report")
+STEPS = ("recipient", "arms_base", "proxy", "arms_fixed", "ddmin", "arms", "memory_space", "report")
 
 
 def main() -> None:

@@ -642,6 +642,14 @@ def run(config: DapaConfig, out: Path, *, stop_after: str = "report") -> dict[st
     if stop_after == "proxy":
         return arms
     cal = calibrate_cutoff(proxy)
+    for name, swap in swaps.items():  # the transplants that need no search
+        arms[name] = _arm(store, name, recipient, swap, data, config, inputs)
+    steering, cinfo = _contrans(store, donor, recipient, data, config, inputs, cal["cutoff"])
+    arms["contrans"] = _arm(
+        store, "contrans", recipient, steering, data, config, {**inputs, "contrans": cinfo}
+    )
+    if stop_after == "arms_fixed":
+        return arms
     found = store.get_or_compute(
         "ddmin",
         {**inputs, "ddmin_tolerance": config.ddmin_tolerance, "n_ddmin": config.n_ddmin, **cal},
@@ -649,18 +657,13 @@ def run(config: DapaConfig, out: Path, *, stop_after: str = "report") -> dict[st
     )
     if stop_after == "ddmin":
         return arms
-    sets["ddmin"] = list(found["minimal"])
-    budget = n_parameters(recipient, sets["ddmin"])
+    searched = {"ddmin": list(found["minimal"])}
+    budget = n_parameters(recipient, searched["ddmin"])
     pool = all_modules(recipient, ("attn", "gate", "up", "down"))
     for i in range(config.n_random):
-        sets[f"random_{i}"] = random_modules(pool, recipient, budget, seed=i)
-    swaps = arm_interventions(recipient, donor, sets)
-    for name, swap in swaps.items():
+        searched[f"random_{i}"] = random_modules(pool, recipient, budget, seed=i)
+    for name, swap in arm_interventions(recipient, donor, searched).items():
         arms[name] = _arm(store, name, recipient, swap, data, config, inputs)
-    steering, cinfo = _contrans(store, donor, recipient, data, config, inputs, cal["cutoff"])
-    arms["contrans"] = _arm(
-        store, "contrans", recipient, steering, data, config, {**inputs, "contrans": cinfo}
-    )
     if stop_after == "arms":
         return arms
     for kind in config.search_kinds:  # one stored step per kind: 24 patches each
