@@ -765,8 +765,6 @@ def render_report(folder: str | Path, *, labels: str | Path | None = None) -> li
         labels: the hand-labelled refusal openings (JSON list of ``{"response",
             "refusal"}``); default ``folder / "refusal_labels.json"``.
     """
-    from contrans_tl.evals.refusal import judge_agreement
-
     folder = Path(folder)
     lines: list[str] = []
     arms = {a: _load_result(folder, f"arm_{a}") for a in ARM_ORDER}
@@ -815,6 +813,15 @@ def render_report(folder: str | Path, *, labels: str | Path | None = None) -> li
             "(l), p the exact two-sided McNemar test; ppl on held-out WikiSplit; MC1 on "
             "TruthfulQA questions disjoint from the benign ones.",
         ]
+    lines += _goal_lines(arms)
+    lines += _search_lines(folder, labels)
+    return lines
+
+
+def _goal_lines(arms: Mapping[str, Any]) -> list[str]:
+    """The issue's goal, checked for the ddmin set."""
+    lines: list[str] = []
+    rec = arms.get("recipient")
     donor, mlp = arms.get("donor"), arms.get("ddmin")
     if rec is not None and donor is not None and mlp is not None:
         removed = donor["dsr"] - rec["dsr"]
@@ -852,6 +859,14 @@ def render_report(folder: str | Path, *, labels: str | Path | None = None) -> li
             )
         lines += ["", "Goal (issue 15) for the ddmin-minimal set:", ""]
         lines += [f"- {'met' if ok else '**not met**'}: {text}" for text, ok in checks]
+    return lines
+
+
+def _search_lines(folder: Path, labels: str | Path | None) -> list[str]:
+    """Proxy check, ddmin trace, ConTrans α, judge agreement and memory space."""
+    from contrans_tl.evals.refusal import judge_agreement
+
+    lines: list[str] = []
     proxy = _load_result(folder, "proxy")
     if proxy is not None:
         rows = [
