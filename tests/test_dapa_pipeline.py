@@ -171,19 +171,32 @@ def test_report_rows_come_from_the_stored_arms(tmp_path):
     from contrans_tl.pipelines.dapa import render_report
 
     def row(refused, frac):
-        return {"result": {
-            "dsr": sum(refused) / len(refused), "dsr_ci95": [0.1, 0.9], "over_refusal": 0.05,
-            "ppl": 12.5, "mc1": 0.3, "fraction_of_parameters": frac, "refused": refused,
-            "n_test": len(refused), "n_benign": 20,
-        }}
+        return {
+            "result": {
+                "dsr": sum(refused) / len(refused),
+                "dsr_ci95": [0.1, 0.9],
+                "over_refusal": 0.05,
+                "ppl": 12.5,
+                "mc1": 0.3,
+                "fraction_of_parameters": frac,
+                "refused": refused,
+                "n_test": len(refused),
+                "n_benign": 20,
+            }
+        }
 
     write_json(tmp_path / "arm_donor.json", row([True] * 8 + [False] * 2, 0.0))
     write_json(tmp_path / "arm_recipient.json", row([False] * 9 + [True], 0.0))
     write_json(tmp_path / "arm_ddmin.json", row([True] * 6 + [False] * 3 + [True], 0.04))
-    write_json(tmp_path / "refusal_labels.json", {"items": [
-        {"response": "I'm sorry, I can't", "refusal": True},
-        {"response": "Sure, here is", "refusal": False},
-    ]})
+    write_json(
+        tmp_path / "refusal_labels.json",
+        {
+            "items": [
+                {"response": "I'm sorry, I can't", "refusal": True},
+                {"response": "Sure, here is", "refusal": False},
+            ]
+        },
+    )
     text = "\n".join(render_report(tmp_path))
     assert "| DAPA: ddmin-minimal set | 70.0% (10–90) | +6/−0, p=0.031 |" in text
     # restored (0.7 - 0.1) / (0.8 - 0.1) = 86% of what the fine-tune removed
