@@ -797,7 +797,6 @@ def render_report(folder: str | Path, *, labels: str | Path | None = None) -> li
             "heuristic",
             "ddmin",
             "random_0",
-            "random_1",
             "contrans",
         )
     ]
@@ -869,6 +868,7 @@ def _search_lines(folder: Path, labels: str | Path | None) -> list[str]:
     lines: list[str] = []
     proxy = _load_result(folder, "proxy")
     if proxy is not None:
+        cal = calibrate_cutoff(proxy)
         rows = [
             f"{k} {100 * v['dsr_generated']:.0f}% generated / {100 * v['dsr_proxy']:.0f}% proxy "
             f"(agree on {100 * v['agreement']:.0f}%)"
@@ -878,9 +878,19 @@ def _search_lines(folder: Path, labels: str | Path | None) -> list[str]:
         lines += [
             "",
             f"First-token proxy on the validation part (100 requests): {'; '.join(rows)}; "
-            f"pooled per-request agreement {100 * proxy['pooled_agreement']:.1f}%.",
+            f"pooled per-request agreement {100 * proxy['pooled_agreement']:.1f}% at log-odds "
+            f"cutoff 0; {100 * cal['agreement']:.1f}% at the cutoff chosen on these requests, "
+            f"{cal['cutoff']:g} (used by ddmin and the ConTrans α choice).",
         ]
     found = _load_result(folder, "ddmin")
+    partial = folder / "ddmin_stage1_cache.json"
+    if found is None and partial.is_file():
+        tried = json.loads(partial.read_text()).get("outcomes", {})
+        lines += [
+            "",
+            f"ddmin is not finished: {len(tried)} stage-1 tests are cached in "
+            f"`{partial.name}` ({sum(map(bool, tried.values()))} passed); a rerun resumes there.",
+        ]
     if found is not None:
         s1, s2 = found["stage1"], found["stage2"]
         lines += [
