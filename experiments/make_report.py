@@ -8,7 +8,6 @@ them. A pair or table whose results are missing is listed as "not run".
 
 import argparse
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -50,14 +49,10 @@ def run_file(src: str, tgt: str, key: str) -> dict[str, Any] | None:
 
 def mcnemar(a: list[bool], b: list[bool]) -> tuple[int, int, float]:
     """(b_only, a_only, exact two-sided p) for paired binary outcomes a (reference), b."""
-    b_only = sum(1 for x, y in zip(a, b) if y and not x)
-    a_only = sum(1 for x, y in zip(a, b) if x and not y)
-    n = a_only + b_only
-    if n == 0:
-        return 0, 0, 1.0
-    k = min(a_only, b_only)
-    p = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
-    return b_only, a_only, min(1.0, 2 * p)
+    from contrans_tl.pipelines.dapa import mcnemar as exact
+
+    t = exact(a, b)
+    return t["gained"], t["lost"], t["p"]
 
 
 def paired(src: str, tgt: str, base_key: str, key: str, field: str) -> str:
