@@ -202,3 +202,34 @@ def test_report_rows_come_from_the_stored_arms(tmp_path):
     # restored (0.7 - 0.1) / (0.8 - 0.1) = 86% of what the fine-tune removed
     assert "met: restores ≥ 80% of the DSR the fine-tune removed: 86%" in text
     assert "Cohen's κ 1.000" in text and "Not run yet" in text
+
+
+def test_a_rebuilt_recipient_counts_as_the_reference_only_when_its_scores_match(pair, tmp_path):
+    """Another build (other weight bytes) keeps the reference's sha256 in the step inputs
+    if its first-token scores match within the tolerance; a different model is refused."""
+    import json
+
+    from contrans_tl.pipelines.dapa import FINGERPRINT_TOLERANCE, recipient_identity
+
+    recipient, donor = pair
+    data = dapa_data(SMALL)
+    store = StepStore(tmp_path / "steps")
+    folder = tmp_path / "twin"
+    folder.mkdir()
+
+    def build(sha):
+        (folder / "contrans_finetune.json").write_text(json.dumps({"weights_sha256": sha}))
+
+    build("a" * 64)
+    assert recipient_identity(store, folder, recipient, data, SMALL) == "a" * 64
+    ref = json.loads(store.path("recipient_builds").read_text())["reference"]
+    direct = first_token_refusal_scores(recipient, data.validation[:16], batch_size=4)
+    assert ref["scores"] == pytest.approx(direct.tolist(), abs=1e-5)
+    build("b" * 64)  # same model, other bytes: counts as the reference, and is recorded
+    assert recipient_identity(store, folder, recipient, data, SMALL) == "a" * 64
+    others = json.loads(store.path("recipient_builds").read_text())["others"]
+    assert [o["weights_sha256"] for o in others] == ["b" * 64]
+    assert others[0]["max_abs_score_difference"] < FINGERPRINT_TOLERANCE
+    build("c" * 64)  # the donor differs in layer 1's MLP: another recipient
+    with pytest.raises(ValueError, match="another recipient"):
+        recipient_identity(store, folder, donor, data, SMALL)

@@ -562,11 +562,62 @@ ARM_ORDER = (
 )
 
 
-def _fingerprint(folder: Path, donor_sha: str | None) -> dict[str, Any]:
+#: How many validation requests fingerprint a recipient build, and how far (in refusal
+#: log-odds) another build's scores may lie from the reference build's to count as it.
+FINGERPRINT_REQUESTS = 16
+FINGERPRINT_TOLERANCE = 0.05
+
+
+def recipient_identity(
+    store: StepStore, folder: Path, recipient: Any, data: DapaData, config: DapaConfig
+) -> str:
+    """The sha256 that names the recipient in every step's inputs.
+
+    The fine-tune is seeded and deterministic on one machine, but its float32 sums are not
+    bit for bit the same across CPUs, so a rebuild elsewhere has other weight bytes. The
+    first build seen is the reference (``recipient_builds.json``: its sha256 and its
+    first-token refusal scores on the first :data:`FINGERPRINT_REQUESTS` validation
+    requests). A build with other bytes counts as the reference only if its scores lie
+    within :data:`FINGERPRINT_TOLERANCE` of the reference's; it is recorded there (sha256,
+    largest difference) and the reference sha256 is returned, so stored steps stay valid.
+
+    Raises:
+        ValueError: the build's scores differ from the reference's by more than the
+            tolerance (another recipient: move the results folder away to start afresh).
+    """
+    from contrans_tl.evals.refusal import first_token_refusal_scores
     from contrans_tl.finetune import read_finetune_record
 
-    record = read_finetune_record(folder) or {}
-    return {"recipient_sha256": record.get("weights_sha256"), "donor_file_sha256": donor_sha}
+    sha = str((read_finetune_record(folder) or {}).get("weights_sha256"))
+    path = store.path("recipient_builds")
+    builds = json.loads(path.read_text()) if path.is_file() else None
+    if builds is not None and sha == builds["reference"]["weights_sha256"]:
+        return sha
+    requests = data.validation[:FINGERPRINT_REQUESTS]
+    scores = first_token_refusal_scores(recipient, requests, batch_size=config.batch_size)
+    if builds is None:
+        entry = {"weights_sha256": sha, "scores": scores.tolist()}
+        write_json(path, {"requests": len(requests), "reference": entry, "others": []})
+        return sha
+    ref = builds["reference"]
+    diff = float((scores - torch.tensor(ref["scores"])).abs().max())
+    if diff > FINGERPRINT_TOLERANCE:
+        raise ValueError(
+            f"the recipient in {folder} (weights sha256 {sha[:12]}) gives first-token refusal "
+            f"scores up to {diff:.3g} away from the build the stored results were made with "
+            f"({ref['weights_sha256'][:12]}; tolerance {FINGERPRINT_TOLERANCE}): it is another "
+            f"recipient. Move {store.folder} away to start afresh"
+        )
+    others = [o for o in builds["others"] if o["weights_sha256"] != sha]
+    others.append({"weights_sha256": sha, "max_abs_score_difference": diff})
+    write_json(path, {**builds, "others": others})
+    _log.info(
+        "recipient build %s counts as %s (scores within %.3g)",
+        sha[:12],
+        ref["weights_sha256"][:12],
+        diff,
+    )
+    return str(ref["weights_sha256"])
 
 
 def _arm(
@@ -613,8 +664,11 @@ def run(config: DapaConfig, out: Path, *, stop_after: str = "report") -> dict[st
         return {}
     donor = ct.load_model(config.donor)
     recipient = ct.load_model(str(folder))
-    fp = _fingerprint(folder, donor.contrans_provenance.file_sha256)
-    inputs = {"config": config_json(config), **fp}
+    inputs = {
+        "config": config_json(config),
+        "recipient_sha256": recipient_identity(store, folder, recipient, data, config),
+        "donor_file_sha256": donor.contrans_provenance.file_sha256,
+    }
     arms: dict[str, dict[str, Any]] = {}
     arms["donor"] = _arm(store, "donor", donor, None, data, config, inputs)
     arms["recipient"] = _arm(store, "recipient", recipient, None, data, config, inputs)
