@@ -42,6 +42,7 @@ if TYPE_CHECKING:  # steering imports concepts, which read activations through t
     import contrans_tl.interventions
 
 __all__ = [
+    "FINAL_STATE",
     "Batch",
     "padded_batches",
     "forward_until",
@@ -56,9 +57,10 @@ __all__ = [
 PadSide = Literal["left", "right"]
 Hook = tuple[str, Callable[..., Any]]
 
-# The hook point after the final norm: a pass that needs only logits stops here, and the
-# unembedding runs on the rows asked for.
-_FINAL = "ln_final.hook_out"
+FINAL_STATE = "ln_final.hook_out"
+"""The hook point after the final norm: the states the unembedding reads. A pass that
+needs only logits stops here, and the unembedding runs on the rows asked for."""
+_FINAL = FINAL_STATE
 
 # Positions unembedded per matrix product in token_logprobs (bounds the log-softmax's
 # memory to this many rows of d_vocab floats).

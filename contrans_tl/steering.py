@@ -525,8 +525,9 @@ def greedy_decode(
     device: torch.device,
     vocab_size: int | None = None,
     n_ctx: int | None = None,
+    pick: Callable[[Tensor], Tensor] | None = None,
 ) -> list[str] | list[list[int]]:
-    """The greedy loop shared by :func:`generate` and proxy-tuning.
+    """The decoding loop shared by :func:`generate`, proxy-tuning and RE-Control rollouts.
 
     Prompts are tokenized by ``tokenizer``, sorted by length and left-padded in batches.
     For each batch, ``start_batch(ids, mask)`` returns a ``step(ids, mask)`` that gives
@@ -534,6 +535,8 @@ def greedy_decode(
     caches between calls). Finished rows are fed padding; EOS is cut from the output.
     ``vocab_size`` keeps the padding id inside the embedding; with ``n_ctx``, a prompt
     whose tokens plus ``max_new_tokens`` exceed it is refused before anything runs.
+    ``pick(logits) -> ids`` chooses each next token from ``[batch, vocab]`` logits
+    (default: greedy ``argmax``; e.g. a seeded sampler for rollouts).
     """
     check_texts(prompts, "prompts")
     if batch_size < 1:
@@ -557,7 +560,8 @@ def greedy_decode(
         done = torch.zeros(len(idx), dtype=torch.bool, device=device)
         new: list[Tensor] = []
         for _step in range(max_new_tokens):
-            nxt = step(ids, mask).to(device).argmax(-1)
+            logits = step(ids, mask).to(device)
+            nxt = logits.argmax(-1) if pick is None else pick(logits).to(device)
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
             new.append(nxt)
             if stop_at_eos and eos is not None:

@@ -233,3 +233,17 @@ def test_a_rebuilt_recipient_counts_as_the_reference_only_when_its_scores_match(
     build("c" * 64)  # the donor differs in layer 1's MLP: another recipient
     with pytest.raises(ValueError, match="another recipient"):
         recipient_identity(store, folder, donor, data, SMALL)
+
+
+def test_step_inputs_match_up_to_float_rounding(tmp_path):
+    """A recomputed vector's norms differ in their last digits between CPUs: the same
+    input; a real change of a float, or of an int or string, is not."""
+    from contrans_tl.pipelines.dapa import same_inputs
+
+    store = StepStore(tmp_path)
+    store.get_or_compute("s", {"norms": [1.2345678, 3.0], "n": 4}, lambda: {"ok": 1})
+    assert store.get("s", {"norms": [1.2345679, 3.0000001], "n": 4}) == {"ok": 1}
+    assert store.get("s", {"norms": [1.2365678, 3.0], "n": 4}) is None
+    assert store.get("s", {"norms": [1.2345678, 3.0], "n": 5}) is None
+    assert not same_inputs({"a": "x"}, {"a": "y"}) and not same_inputs([1.0], [1.0, 2.0])
+    assert not same_inputs({"a": True}, {"a": 1.0}) and not same_inputs({"a": 1}, {"b": 1})
