@@ -65,13 +65,27 @@ class Reward(Protocol):
 @dataclass
 class ClassifierReward:
     """``1 − P(bad)`` of a text classifier on the continuation (e.g. a toxicity classifier:
-    the reward of non-toxic text). The classifier needs ``score(texts) -> [P(bad)]``."""
+    the reward of non-toxic text). The classifier needs ``score(texts) -> [P(bad)]``.
+
+    Attributes:
+        classifier: the classifier.
+        name: recorded with the rollouts.
+        transform: applied to each continuation before scoring (e.g. cut it at its first
+            line break, as the evaluation does); an empty result gets reward 1.
+    """
 
     classifier: Any
     name: str = "classifier"
+    transform: Callable[[str], str] | None = None
 
     def __call__(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[float]:
-        return [1.0 - float(p) for p in self.classifier.score(list(continuations))]
+        texts = [self.transform(c) if self.transform else c for c in continuations]
+        keep = [i for i, t in enumerate(texts) if t]
+        scores = self.classifier.score([texts[i] for i in keep]) if keep else []
+        out = [1.0] * len(texts)
+        for i, p in zip(keep, scores):
+            out[i] = 1.0 - float(p)
+        return out
 
 
 @dataclass

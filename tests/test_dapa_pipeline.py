@@ -238,7 +238,7 @@ def test_a_rebuilt_recipient_counts_as_the_reference_only_when_its_scores_match(
 def test_step_inputs_match_up_to_float_rounding(tmp_path):
     """A recomputed vector's norms differ in their last digits between CPUs: the same
     input; a real change of a float, or of an int or string, is not."""
-    from contrans_tl.pipelines.dapa import same_inputs
+    from contrans_tl.pipelines.steps import same_inputs
 
     store = StepStore(tmp_path)
     store.get_or_compute("s", {"norms": [1.2345678, 3.0], "n": 4}, lambda: {"ok": 1})

@@ -242,3 +242,15 @@ def test_value_artifact_round_trip_and_refuses_another_model(small_llama, wide_l
     assert meta["hook"] == FINAL_STATE
     with pytest.raises(ValueError, match="does not fit"):
         load_value_function(tmp_path / "v", wide_llama)
+
+
+def test_classifier_reward_scores_the_transformed_text():
+    from contrans_tl.rollouts import ClassifierReward
+
+    class Bad:
+        def score(self, texts):
+            return [0.9 if "bad" in t else 0.1 for t in texts]
+
+    reward = ClassifierReward(Bad(), transform=lambda t: t.split("\n")[0].strip())
+    got = reward(["p"] * 3, ["bad thing", "fine\nbad later", "\nbad"])
+    assert got == pytest.approx([0.1, 0.9, 1.0])  # the empty first line counts as clean

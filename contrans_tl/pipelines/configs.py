@@ -912,3 +912,72 @@ class DapaConfig:
             raise ValueError("contrans_alphas must hold at least one strength")
         for a in self.contrans_alphas:
             _check_finite("contrans_alphas", a, positive=True)
+
+
+@dataclass(frozen=True)
+class ReControlConfig:
+    """Settings of the RE-Control ToxiGen experiment (``experiments/run_recontrol.py``).
+
+    Hate prompts are those of the alignment experiment's ToxiGen protocol (``tox_val``
+    validation and ``tox_eval`` evaluation prompts per group, same seed), and
+    ``n_train`` further prompts per group, disjoint from both, for the rollouts. The
+    reward is the n-gram toxicity classifier (:mod:`contrans_tl.evals.ngram_toxicity`);
+    the judge is the MiniLM classifier of the ToxiGen table: they share no features.
+
+    Raises:
+        ValueError: a setting out of range, naming it.
+    """
+
+    target: str = field(default="gemma-3-270m", metadata=_help("the controlled model"))
+    source: str = field(
+        default="smollm2-135m-instruct", metadata=_help("ConTrans source of the fairness vector")
+    )
+    tox_eval: int = field(default=10, metadata=_help("evaluation hate prompts per group"))
+    tox_val: int = field(default=3, metadata=_help("validation hate prompts per group"))
+    n_train: int = field(default=20, metadata=_help("rollout prompts per group"))
+    n_samples: int = field(default=3, metadata=_help("sampled rollouts per prompt (+ greedy)"))
+    temperature: float = field(default=1.0, metadata=_help("rollout sampling temperature"))
+    max_new_tokens: int = field(default=32, metadata=_help("tokens generated per prompt"))
+    hidden: tuple[int, ...] = field(default=(256, 256), metadata=_help("value MLP widths"))
+    epochs: int = field(default=40, metadata=_help("value training epochs (early-stopped)"))
+    steps: tuple[int, ...] = field(default=(10,), metadata=_help("control steps tried"))
+    step_sizes: tuple[float, ...] = field(
+        default=(0.5, 2.0, 8.0), metadata=_help("control step sizes tried on validation")
+    )
+    max_norm: float | None = field(default=None, metadata=_help("bound on each edit's norm"))
+    contrans_alpha: float = field(
+        default=1.5, metadata=_help("ConTrans fairness strength (the alignment run's pick)")
+    )
+    n_map_texts: int = field(default=2000, metadata=_help("WikiSplit sentences for the map"))
+    n_ppl: int = field(default=100, metadata=_help("held-out WikiSplit sentences for perplexity"))
+    ppl_limit: float = field(default=2.0, metadata=_help("control must keep ppl <= this x base"))
+    best_of_n: int = field(default=4, metadata=_help("samples per prompt for best-of-N"))
+    batch_size: int = field(default=8, metadata=_help("prompts per forward pass"))
+    seed: int = field(default=0, metadata=_help("seeds prompts, sampling and training"))
+
+    def __post_init__(self) -> None:
+        check_minimums(
+            {
+                "tox_eval": (self.tox_eval, 1),
+                "tox_val": (self.tox_val, 1),
+                "n_train": (self.n_train, 1),
+                "n_samples": (self.n_samples, 0),
+                "max_new_tokens": (self.max_new_tokens, 1),
+                "epochs": (self.epochs, 1),
+                "n_map_texts": (self.n_map_texts, 2),
+                "n_ppl": (self.n_ppl, 1),
+                "best_of_n": (self.best_of_n, 1),
+                "batch_size": (self.batch_size, 1),
+            }
+        )
+        _check_finite("temperature", self.temperature, positive=True)
+        _check_finite("contrans_alpha", self.contrans_alpha, positive=True)
+        _check_finite("ppl_limit", self.ppl_limit, positive=True)
+        if not self.steps or any(isinstance(n, bool) or n < 1 for n in self.steps):
+            raise ValueError(f"steps must hold ints >= 1, got {self.steps!r}")
+        if not self.step_sizes:
+            raise ValueError("step_sizes must hold at least one step size")
+        for eta in self.step_sizes:
+            _check_finite("step_sizes", eta, positive=True)
+        if self.max_norm is not None:
+            _check_finite("max_norm", self.max_norm, positive=True)

@@ -1,0 +1,95 @@
+"""The RE-Control ToxiGen pipeline's parts on a tiny model with stand-in classifiers."""
+
+import pytest
+import torch
+
+from contrans_tl.pipelines.configs import ReControlConfig
+from contrans_tl.pipelines.recontrol import best_of_n, choose_control, recontrol_data, toxigen_arm
+from contrans_tl.recontrol import ValueNetwork
+
+SMALL = ReControlConfig(
+    tox_eval=1,
+    tox_val=1,
+    n_train=2,
+    max_new_tokens=4,
+    n_ppl=8,
+    n_map_texts=20,
+    best_of_n=3,
+    steps=(2,),
+    step_sizes=(0.5, 2.0),
+    batch_size=4,
+)
+
+
+class Letters:
+    """P(toxic) = share of the letter 'e' among characters: a cheap, text-dependent score."""
+
+    name = "letters"
+
+    def score(self, texts):
+        return [t.count("e") / max(len(t), 1) * 5 for t in texts]
+
+
+def test_rollout_prompts_are_disjoint_from_validation_and_evaluation():
+    data = recontrol_data(ReControlConfig())
+    key = lambda ps: {(p.group, p.line) for p in ps}  # noqa: E731
+    assert len(data.validation) == 13 * 3 and len(data.evaluation) == 13 * 10
+    assert len(data.train) == 13 * 20
+    assert not key(data.train) & (key(data.validation) | key(data.evaluation))
+    assert not key(data.validation) & key(data.evaluation)
+
+
+def test_toxigen_arm_counts_under_each_judge(small_llama):
+    data = recontrol_data(SMALL)
+    row = toxigen_arm(small_llama, data.evaluation, {"a": Letters()}, config=SMALL)
+    scores = Letters().score([t for t in row["openings"] if t])
+    assert row["toxic_share_a"] == pytest.approx(sum(s > 0.5 for s in scores) / row["n"])
+    assert row["seconds_per_token"] > 0
+    given = toxigen_arm(
+        small_llama,
+        data.evaluation[:2],
+        {"a": Letters()},
+        config=SMALL,
+        continuations=["eeee", "xx\neeee"],
+    )
+    assert given["toxic_a"] == [True, False]  # the second is cut at its line break
+
+
+def test_best_of_n_keeps_the_sample_the_reward_likes_best(small_llama):
+    from contrans_tl.pipelines.recontrol import _contexts
+    from contrans_tl.rollouts import sample_continuations
+
+    data = recontrol_data(SMALL)
+    prompts = data.evaluation[:3]
+    reward = lambda ps, cs: [float(len(c)) for c in cs]  # noqa: E731
+    texts, info = best_of_n(small_llama, prompts, reward, SMALL)
+    conts = sample_continuations(
+        small_llama,
+        _contexts(small_llama, prompts),
+        n_samples=3,
+        greedy=False,
+        max_new_tokens=4,
+        seed=SMALL.seed + 1000,
+        batch_size=4,
+    )
+    for i, t in enumerate(texts):
+        options = [
+            small_llama.tokenizer.decode(ids, skip_special_tokens=True)
+            for j, ids in conts
+            if j == i
+        ]
+        assert len(t) == max(len(o) for o in options) and t in options
+    assert info["n"] == 3 and info["generated_tokens"] > 0
+
+
+def test_choose_control_follows_its_rule(small_llama):
+    torch.manual_seed(0)
+    data = recontrol_data(SMALL)
+    got = choose_control(small_llama, ValueNetwork(48, (8,)), data, Letters(), SMALL, base_ppl=1e9)
+    sweep = got["sweep"]
+    assert len(sweep) == 2
+    assert got["pick"]["toxic_share"] == min(r["toxic_share"] for r in sweep)
+    strict = choose_control(
+        small_llama, ValueNetwork(48, (8,)), data, Letters(), SMALL, base_ppl=1e-9
+    )
+    assert strict["pick"]["ppl"] == min(r["ppl"] for r in strict["sweep"])  # none within the limit
