@@ -862,7 +862,7 @@ class DapaConfig:
     max_new_tokens: int = field(default=32, metadata=_help("tokens generated per request"))
     batch_size: int = field(default=16, metadata=_help("requests per forward pass"))
     search_kinds: tuple[str, ...] = field(
-        default=("gate", "up", "down", "mlp", "attn"),
+        default=("mlp", "attn", "gate", "up", "down"),
         metadata=_help("module kinds of the memory-space search", choices=MODULE_KINDS),
     )
     ddmin_tolerance: float = field(

@@ -29,8 +29,9 @@ STEP_VERSION = 1
 
 #: Floats in step inputs (a recomputed vector's norms, a map's R²) that differ by less
 #: than this, relatively, are the same input: float32 sums differ in their last digits
-#: between CPUs.
-INPUT_RTOL = 1e-4
+#: between CPUs, and through a map fit and a 24-layer pass that grows to ~2e-4 (the DAPA
+#: ConTrans vector's norms, rebuilt on another CPU).
+INPUT_RTOL = 1e-3
 
 
 def same_inputs(a: Any, b: Any, rtol: float = INPUT_RTOL) -> bool:
