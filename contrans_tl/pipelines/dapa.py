@@ -436,8 +436,12 @@ def run_memory_space(
 
 def contrans_refusal(
     donor: Any, recipient: Any, data: DapaData, config: DapaConfig, *, cutoff: float = 0.0
-) -> tuple[Any, dict[str, Any]]:
+) -> tuple[Any, dict[str, Any], Any]:
     """ConTrans on the pair: donor refusal vector → map → recipient, α picked on validation.
+
+    Returns:
+        ``(steering, info, vector)``: the steering at the chosen α, the choice (sweep, map
+        metrics), and the transplanted vector on the recipient.
 
     The vector is the mean difference of the donor's last-token states (every layer) over
     chat-formatted harmful requests (the fine-tune part: never evaluated) and harmless ones
@@ -486,7 +490,7 @@ def contrans_refusal(
         "vector_norms": [float(x) for x in v_tgt.vectors.norm(dim=-1)],
         "map_metrics": {str(k): v for k, v in rmap.metrics.items()},
     }
-    return steering, info
+    return steering, info, v_tgt
 
 
 #: Settings that choose which steps run (or are the inputs of one step only) rather than
@@ -690,11 +694,18 @@ def _contrans(
     inputs: Mapping[str, Any],
     cutoff: float,
 ) -> tuple[Any, dict[str, Any]]:
-    """The ConTrans arm's steering; its α choice is a stored step, the vector is recomputed."""
+    """The ConTrans arm's steering; its α choice is a stored step, and the transplanted
+    vector is kept beside it (``contrans_vector``), so a resumed run steers with the very
+    vector the stored arm was measured with (a refit differs in the last digits)."""
+    import contrans_tl as ct
+    from contrans_tl.concepts import ConceptVector
+
     holder: dict[str, Any] = {}
+    path = store.folder / "contrans_vector"
 
     def compute() -> dict[str, Any]:
-        steering, info = contrans_refusal(donor, recipient, data, config, cutoff=cutoff)
+        steering, info, vector = contrans_refusal(donor, recipient, data, config, cutoff=cutoff)
+        vector.save(path)
         holder["steering"] = steering
         return info
 
@@ -704,15 +715,24 @@ def _contrans(
         compute,
     )
     if "steering" not in holder:
-        steering, _ = contrans_refusal_at(donor, recipient, data, config, info["alpha"], cutoff)
-        holder["steering"] = steering
+        if path.with_suffix(".json").is_file():
+            vector = ConceptVector.load(path)
+        else:
+            _, _, vector = contrans_refusal_at(
+                donor, recipient, data, config, info["alpha"], cutoff
+            )
+            vector.save(path)
+        holder["steering"] = ct.make_steering(
+            recipient, vector, alpha=info["alpha"], name="contrans"
+        )
     return holder["steering"], info
 
 
 def contrans_refusal_at(
     donor: Any, recipient: Any, data: DapaData, config: DapaConfig, alpha: float, cutoff: float
-) -> tuple[Any, dict[str, Any]]:
-    """The ConTrans steering at a given α (vector and map made as in :func:`contrans_refusal`)."""
+) -> tuple[Any, dict[str, Any], Any]:
+    """The ConTrans steering, choice and vector at a given α (vector and map made as in
+    :func:`contrans_refusal`)."""
     one = DapaConfig(**{**asdict(config), "contrans_alphas": (alpha,)})
     return contrans_refusal(donor, recipient, data, one, cutoff=cutoff)
 
