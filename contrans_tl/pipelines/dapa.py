@@ -943,6 +943,20 @@ def _search_lines(folder: Path, labels: str | Path | None) -> list[str]:
             f"ConTrans α on validation (proxy DSR / proxy over-refusal): {sweep}; "
             f"chosen α={choice['alpha']:g}.",
         ]
+    builds = folder / "recipient_builds.json"
+    if builds.is_file():
+        b = json.loads(builds.read_text())
+        for other in b.get("others", []):
+            lines += [
+                "",
+                f"The recipient was rebuilt on another CPU for later steps: weights sha256 "
+                f"{other['weights_sha256'][:12]}… instead of "
+                f"{b['reference']['weights_sha256'][:12]}… (float32 sums differ between "
+                f"CPUs); its first-token refusal scores on {b['requests']} validation requests "
+                f"lie within {other['max_abs_score_difference']:.2g} log-odds of the reference "
+                f"build's (tolerance {FINGERPRINT_TOLERANCE}), so it counts as the same "
+                "recipient (`recipient_builds.json`).",
+            ]
     labels_path = Path(labels) if labels is not None else folder / "refusal_labels.json"
     if labels_path.is_file():
         items = json.loads(labels_path.read_text())["items"]
