@@ -254,3 +254,31 @@ def test_classifier_reward_scores_the_transformed_text():
     reward = ClassifierReward(Bad(), transform=lambda t: t.split("\n")[0].strip())
     got = reward(["p"] * 3, ["bad thing", "fine\nbad later", "\nbad"])
     assert got == pytest.approx([0.1, 0.9, 1.0])  # the empty first line counts as clean
+
+
+def test_control_stacks_with_a_steering(small_llama):
+    """RE-Control + ConTrans: both position-aware; the stack tells both where tokens are."""
+    from contrans_tl.concepts import ConceptVector
+    from contrans_tl.interventions.base import Stack
+    from contrans_tl.provenance import model_provenance
+    from contrans_tl.steering import make_steering
+
+    torch.manual_seed(3)
+    net = ValueNetwork(48, (16,))
+    v = ConceptVector(
+        vectors=torch.randn(3, 48),
+        layers=(0, 1, 2),
+        model=model_provenance(small_llama),
+        concept="c",
+        method="test",
+    )
+    steering = make_steering(small_llama, v, 0.1)
+    control = ValueControl(small_llama, net, n_steps=3, step_size=STEP[FINAL_STATE])
+    both = Stack([steering, control])
+    got = generate(small_llama, PROMPTS, max_new_tokens=5, decode=False, intervention=both)
+    again = generate(
+        small_llama, PROMPTS, max_new_tokens=5, decode=False, intervention=both, use_cache=False
+    )
+    alone = generate(small_llama, PROMPTS, max_new_tokens=5, decode=False, intervention=steering)
+    assert got == again and got != alone
+    assert _hooks_on(small_llama) == 0
