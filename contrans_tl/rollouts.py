@@ -29,11 +29,11 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from contrans_tl.forward import Forward, forward_until, padded_batches
+from contrans_tl.forward import forward_until, padded_batches
 from contrans_tl.io import load_artifact, save_artifact
 from contrans_tl.provenance import model_provenance
 from contrans_tl.sites import model_device
-from contrans_tl.steering import greedy_decode
+from contrans_tl.steering import generate
 from contrans_tl.tokens import pad_token_id
 
 __all__ = [
@@ -244,21 +244,17 @@ def sample_continuations(
     generator = torch.Generator().manual_seed(seed)
     out: list[tuple[int, list[int]]] = []
     rounds = ([None] if greedy else []) + [temperature] * n_samples
-    with Forward(model, intervention) as fwd:
-        for temp in rounds:
-            ids = greedy_decode(
-                model.tokenizer,
-                list(prompts),
-                lambda ids, mask: fwd.decoder(ids.shape[1]),
-                max_new_tokens=max_new_tokens,
-                batch_size=batch_size,
-                stop_at_eos=True,
-                decode=False,
-                device=model_device(model),
-                vocab_size=int(model.cfg.d_vocab),
-                pick=None if temp is None else _sampler(temp, generator),
-            )
-            out.extend((i, list(row)) for i, row in enumerate(ids))  # type: ignore[arg-type]
+    for temp in rounds:
+        ids = generate(
+            model,
+            list(prompts),
+            max_new_tokens=max_new_tokens,
+            intervention=intervention,
+            batch_size=batch_size,
+            decode=False,
+            pick=None if temp is None else _sampler(temp, generator),
+        )
+        out.extend((i, list(row)) for i, row in enumerate(ids))  # type: ignore[arg-type]
     return out
 
 

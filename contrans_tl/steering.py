@@ -463,6 +463,7 @@ def generate(
     stop_at_eos: bool = True,
     batch_size: int = 8,
     decode: bool = True,
+    pick: Callable[[Tensor], Tensor] | None = None,
 ) -> list[str] | list[list[int]]:
     """Greedy generation, batched with left padding, optionally steered.
 
@@ -481,6 +482,8 @@ def generate(
         stop_at_eos: stop a row at the tokenizer's EOS token (kept out of the output).
         batch_size: prompts per batch (sorted by length).
         decode: return strings (``True``) or lists of new token ids.
+        pick: chooses each next token from ``[batch, vocab]`` logits instead of argmax
+            (e.g. a seeded sampler; see :func:`greedy_decode`).
 
     Returns:
         The continuations, in the order of ``prompts``.
@@ -510,6 +513,7 @@ def generate(
             device=model_device(model),
             vocab_size=int(model.cfg.d_vocab),
             n_ctx=context_length(model),
+            pick=pick,
         )
 
 
