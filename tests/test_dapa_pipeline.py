@@ -17,7 +17,9 @@ from contrans_tl.pipelines.dapa import (
     mcnemar,
     measure_arm,
     proxy_dsr,
+    projection_candidates,
     run_ddmin,
+    run_ddmin_projections,
 )
 from tests.conftest import tiny_llama
 
@@ -124,8 +126,10 @@ def test_planted_module_is_what_ddmin_keeps(pair, tmp_path):
     assert full > base + 0.5  # the plant works: refusals appear with the donor's MLPs
     found = run_ddmin(recipient, donor, data, SMALL, tmp_path, {"test": 1})
     assert found["full_proxy_dsr"] == pytest.approx(full)
-    assert found["stage1"]["minimal"] == ["mlp@1"]
-    minimal = found["minimal"]
+    assert found["stage1"]["minimal"] == found["minimal"] == ["mlp@1"]
+    fine = run_ddmin_projections(recipient, donor, data, SMALL, tmp_path, {"test": 1}, found)
+    assert fine["candidates"] == ["gate@1", "up@1", "down@1"]
+    minimal = fine["minimal"]
     assert "down@1" in minimal and set(minimal) <= {"gate@1", "up@1", "down@1"}
 
     def direct(modules):  # full passes, not the resumed ones ddmin used
@@ -137,7 +141,24 @@ def test_planted_module_is_what_ddmin_keeps(pair, tmp_path):
         rest = [x for x in minimal if x != m]
         assert not rest or direct(rest) < found["threshold"]
     again = run_ddmin(recipient, donor, data, SMALL, tmp_path, {"test": 1})
-    assert again["stage1"]["n_tests_run"] == 0 and again["stage2"]["n_tests_run"] == 0
+    fine_again = run_ddmin_projections(recipient, donor, data, SMALL, tmp_path, {"test": 1}, again)
+    assert again["stage1"]["n_tests_run"] == 0 and fine_again["stage2"]["n_tests_run"] == 0
+    assert fine_again["minimal"] == minimal
+
+
+def test_projection_candidates_split_only_the_named_kinds():
+    modules = ["attn@6", "mlp@6", "mlp@10"]
+    assert projection_candidates(modules, ["mlp"]) == [
+        "attn@6",
+        "gate@6",
+        "up@6",
+        "down@6",
+        "gate@10",
+        "up@10",
+        "down@10",
+    ]
+    assert projection_candidates(modules, ["attn"]) == ["q@6", "k@6", "v@6", "o@6", *modules[1:]]
+    assert projection_candidates(modules, []) == modules
 
 
 def test_measure_arm_and_proxy_check_are_consistent(pair):
@@ -188,6 +209,7 @@ def test_report_rows_come_from_the_stored_arms(tmp_path):
     write_json(tmp_path / "arm_donor.json", row([True] * 8 + [False] * 2, 0.0))
     write_json(tmp_path / "arm_recipient.json", row([False] * 9 + [True], 0.0))
     write_json(tmp_path / "arm_ddmin.json", row([True] * 6 + [False] * 3 + [True], 0.04))
+    write_json(tmp_path / "arm_ddmin_proj.json", row([True] * 8 + [False] * 2, 0.2))
     write_json(
         tmp_path / "refusal_labels.json",
         {
@@ -198,9 +220,14 @@ def test_report_rows_come_from_the_stored_arms(tmp_path):
         },
     )
     text = "\n".join(render_report(tmp_path))
-    assert "| DAPA: ddmin-minimal set | 70.0% (10–90) | +6/−0, p=0.031 |" in text
+    assert (
+        "| DAPA: ddmin-minimal set of modules (stage 1) | 70.0% (10–90) | +6/−0, p=0.031 |" in text
+    )
     # restored (0.7 - 0.1) / (0.8 - 0.1) = 86% of what the fine-tune removed
     assert "met: restores ≥ 80% of the DSR the fine-tune removed: 86%" in text
+    stage2 = text.split("Goal (issue 15) for the ddmin-minimal set of projections (stage 2):")[1]
+    assert "met: restores ≥ 80% of the DSR the fine-tune removed: 100%" in stage2
+    assert "**not met**: changes ≤ 10% of the parameters: 20.00%" in stage2
     assert "Cohen's κ 1.000" in text and "Not run yet" in text
 
 

@@ -876,6 +876,14 @@ class DapaConfig:
         default=50, metadata=_help("validation requests a ddmin test reads (the first ones)")
     )
     n_random: int = field(default=1, metadata=_help("random module sets of the ddmin set's size"))
+    ddmin_split: tuple[str, ...] = field(
+        default=("mlp",),
+        metadata=_help(
+            "kinds of stage-1 modules that ddmin stage 2 splits into projections (the others "
+            "stay whole); empty: no stage 2",
+            choices=("attn", "mlp"),
+        ),
+    )
     contrans_alphas: tuple[float, ...] = field(
         default=(0.1, 0.25, 0.5, 1.0),
         metadata=_help("ConTrans strengths tried on the validation part"),
@@ -908,6 +916,8 @@ class DapaConfig:
             raise ValueError(f"ddmin_tolerance must be in [0, 1), got {self.ddmin_tolerance}")
         for kind in self.search_kinds:
             _check_choice("search_kinds", kind, MODULE_KINDS)
+        for kind in self.ddmin_split:
+            _check_choice("ddmin_split", kind, ("attn", "mlp"))
         if not self.contrans_alphas:
             raise ValueError("contrans_alphas must hold at least one strength")
         for a in self.contrans_alphas:

@@ -338,6 +338,36 @@ def _proxy_test(
     return test
 
 
+def _ddmin_cache(recipient: Any, data: DapaData, config: DapaConfig) -> Any:
+    """The recipient's residual stream on the first ``n_ddmin`` validation requests."""
+    from contrans_tl.dapa import ResidualCache
+    from contrans_tl.evals.refusal import chat_prompts, refusal_token_ids
+
+    return ResidualCache(
+        recipient,
+        chat_prompts(recipient, data.validation[: config.n_ddmin]),
+        score_token_ids=refusal_token_ids(recipient),
+        batch_size=config.batch_size,
+    )
+
+
+def _ddmin_stage(
+    cache: Any,
+    recipient: Any,
+    donor: Any,
+    candidates: Sequence[str],
+    path: Path,
+    context: Mapping[str, Any],
+) -> dict[str, Any]:
+    """One ddmin run over ``candidates`` with the proxy test, its outcomes cached at ``path``."""
+    from contrans_tl.ddmin import DDMinCache, ddmin
+
+    log: list[dict[str, Any]] = []
+    test = _proxy_test(cache, recipient, donor, context["threshold"], log, context["cutoff"])
+    found = ddmin(candidates, test, cache=DDMinCache(path, context))
+    return {**found.to_json(), "tests": log}
+
+
 def run_ddmin(
     recipient: Any,
     donor: Any,
@@ -348,66 +378,93 @@ def run_ddmin(
     *,
     cutoff: float = 0.0,
 ) -> dict[str, Any]:
-    """Two-stage ddmin with the proxy on the validation part; each stage's tests cached.
+    """ddmin (stage 1) with the proxy on the validation part, over the attention and the MLP
+    of every layer (``attn@L``, ``mlp@L``: the full set is every block's weights but the
+    norms); its tests cached in ``ddmin_stage1_cache.json``.
 
-    Stage 1 minimises over the attention and the MLP of every layer (``attn@L``,
-    ``mlp@L``: the full set is every block's weights but the norms); stage 2 over the
-    projections (q / k / v / o, gate / up / down) of the modules stage 1 kept. A set passes
-    when its proxy DSR (log-odds above ``cutoff``) on the first ``config.n_ddmin``
-    validation requests keeps all but ``config.ddmin_tolerance`` of the full set's gain
-    over the recipient: ``dsr >= base + (1 - tolerance) * (full - base)``.
+    A set passes when its proxy DSR (log-odds above ``cutoff``) on the first
+    ``config.n_ddmin`` validation requests keeps all but ``config.ddmin_tolerance`` of the
+    full set's gain over the recipient: ``dsr >= base + (1 - tolerance) * (full - base)``.
+    :func:`run_ddmin_projections` refines the result (stage 2).
     """
-    from contrans_tl.dapa import (
-        ModuleTransplant,
-        ResidualCache,
-        all_modules,
-        model_n_layers,
-        parse_module,
-    )
-    from contrans_tl.ddmin import DDMinCache, ddmin
-    from contrans_tl.evals.refusal import chat_prompts, refusal_token_ids
+    from contrans_tl.dapa import ModuleTransplant, all_modules, model_n_layers
 
-    prompts = chat_prompts(recipient, data.validation[: config.n_ddmin])
-    cache = ResidualCache(
-        recipient,
-        prompts,
-        score_token_ids=refusal_token_ids(recipient),
-        batch_size=config.batch_size,
-    )
-    n_layers = model_n_layers(recipient)
+    cache = _ddmin_cache(recipient, data, config)
     stage1 = all_modules(recipient, ("attn", "mlp"))
     with ModuleTransplant(recipient, donor, stage1):
         full = proxy_dsr(cache.resume(0).score, cutoff)
     base = proxy_dsr(cache.base.score, cutoff)
     threshold = base + (1 - config.ddmin_tolerance) * (full - base)
-    ctx = {**context, "threshold": threshold, "cutoff": cutoff, "n": len(prompts)}
-    log1: list[dict[str, Any]] = []
-    r1 = ddmin(
-        stage1,
-        _proxy_test(cache, recipient, donor, threshold, log1, cutoff),
-        cache=DDMinCache(folder / "ddmin_stage1_cache.json", {**ctx, "stage": 1}),
-    )
-    parts = {"attn": ("q", "k", "v", "o"), "mlp": ("gate", "up", "down")}
-    stage2 = []
-    for module in r1.minimal:
-        kind, layer = parse_module(module)
-        stage2 += [f"{k}@{layer}" for k in parts[kind]]
-    log2: list[dict[str, Any]] = []
-    r2 = ddmin(
-        stage2,
-        _proxy_test(cache, recipient, donor, threshold, log2, cutoff),
-        cache=DDMinCache(folder / "ddmin_stage2_cache.json", {**ctx, "stage": 2}),
-    )
+    ctx = {**context, "threshold": threshold, "cutoff": cutoff, "n": cache.n_prompts}
+    path = folder / "ddmin_stage1_cache.json"
+    r1 = _ddmin_stage(cache, recipient, donor, stage1, path, {**ctx, "stage": 1})
     return {
         "base_proxy_dsr": base,
         "full_proxy_dsr": full,
         "threshold": threshold,
         "cutoff": cutoff,
-        "n_requests": len(prompts),
-        "n_layers": n_layers,
-        "stage1": {**r1.to_json(), "tests": log1},
-        "stage2": {**r2.to_json(), "tests": log2},
-        "minimal": list(r2.minimal),
+        "n_requests": cache.n_prompts,
+        "n_layers": model_n_layers(recipient),
+        "stage1": r1,
+        "minimal": r1["minimal"],
+    }
+
+
+#: The projections stage 2 of ddmin splits a stage-1 module of each kind into.
+PROJECTIONS = {"attn": ("q", "k", "v", "o"), "mlp": ("gate", "up", "down")}
+
+
+def projection_candidates(modules: Sequence[str], split: Sequence[str]) -> list[str]:
+    """Stage 2's candidates: each module of a kind in ``split`` replaced by its projections
+    (``mlp@5`` → ``gate@5``, ``up@5``, ``down@5``), the others kept whole.
+
+    Example:
+        >>> projection_candidates(["attn@6", "mlp@6"], ["mlp"])
+        ['attn@6', 'gate@6', 'up@6', 'down@6']
+    """
+    from contrans_tl.dapa import parse_module
+
+    out: list[str] = []
+    for module in modules:
+        kind, layer = parse_module(module)
+        out += [f"{p}@{layer}" for p in PROJECTIONS[kind]] if kind in split else [module]
+    return out
+
+
+def run_ddmin_projections(
+    recipient: Any,
+    donor: Any,
+    data: DapaData,
+    config: DapaConfig,
+    folder: Path,
+    context: Mapping[str, Any],
+    stage1: Mapping[str, Any],
+) -> dict[str, Any]:
+    """ddmin stage 2: over :func:`projection_candidates` of stage 1's minimal set (the kinds
+    in ``config.ddmin_split`` split), with stage 1's pass line and cutoff; tests cached in
+    ``ddmin_stage2_cache.json``.
+
+    Args:
+        stage1: :func:`run_ddmin`'s result.
+    """
+    cache = _ddmin_cache(recipient, data, config)
+    candidates = projection_candidates(stage1["minimal"], config.ddmin_split)
+    ctx = {
+        **context,
+        "threshold": stage1["threshold"],
+        "cutoff": stage1["cutoff"],
+        "n": cache.n_prompts,
+        "stage": 2,
+    }
+    r2 = _ddmin_stage(cache, recipient, donor, candidates, folder / "ddmin_stage2_cache.json", ctx)
+    return {
+        "threshold": stage1["threshold"],
+        "cutoff": stage1["cutoff"],
+        "n_requests": cache.n_prompts,
+        "split": list(config.ddmin_split),
+        "candidates": candidates,
+        "stage2": r2,
+        "minimal": r2["minimal"],
     }
 
 
@@ -496,7 +553,14 @@ def contrans_refusal(
 #: Settings that choose which steps run (or are the inputs of one step only) rather than
 #: change what the shared steps compute; left out of the shared inputs so that changing
 #: them does not recompute the arms.
-STEP_ONLY = ("n_random", "search_kinds", "ddmin_tolerance", "contrans_alphas", "n_ddmin")
+STEP_ONLY = (
+    "n_random",
+    "search_kinds",
+    "ddmin_tolerance",
+    "contrans_alphas",
+    "n_ddmin",
+    "ddmin_split",
+)
 
 
 def config_json(config: DapaConfig, *, keep: Sequence[str] = ()) -> dict[str, Any]:
@@ -514,6 +578,10 @@ ARM_ORDER = (
     "random_0",
     "random_1",
     "random_2",
+    "ddmin_proj",
+    "random_proj_0",
+    "random_proj_1",
+    "random_proj_2",
     "contrans",
 )
 
@@ -605,13 +673,7 @@ def _arm(
 def run(config: DapaConfig, out: Path, *, stop_after: str = "report") -> dict[str, Any]:
     """Run the experiment's steps in order, reusing stored ones; stop after ``stop_after``."""
     import contrans_tl as ct
-    from contrans_tl.dapa import (
-        all_modules,
-        heuristic_modules,
-        model_n_layers,
-        n_parameters,
-        random_modules,
-    )
+    from contrans_tl.dapa import all_modules, heuristic_modules, model_n_layers
 
     store = StepStore(out)
     data = dapa_data(config)
@@ -660,20 +722,20 @@ def run(config: DapaConfig, out: Path, *, stop_after: str = "report") -> dict[st
     )
     if stop_after == "arms_fixed":
         return arms
+    ddmin_inputs = {
+        **inputs,
+        "ddmin_tolerance": config.ddmin_tolerance,
+        "n_ddmin": config.n_ddmin,
+        **cal,
+    }
     found = store.get_or_compute(
         "ddmin",
-        {**inputs, "ddmin_tolerance": config.ddmin_tolerance, "n_ddmin": config.n_ddmin, **cal},
+        ddmin_inputs,
         lambda: run_ddmin(recipient, donor, data, config, out, inputs, cutoff=cal["cutoff"]),
     )
     if stop_after == "ddmin":
         return arms
-    searched = {"ddmin": list(found["minimal"])}
-    budget = n_parameters(recipient, searched["ddmin"])
-    pool = all_modules(recipient, ("attn", "gate", "up", "down"))
-    for i in range(config.n_random):
-        searched[f"random_{i}"] = random_modules(pool, recipient, budget, seed=i)
-    for name, swap in arm_interventions(recipient, donor, searched).items():
-        arms[name] = _arm(store, name, recipient, swap, data, config, inputs)
+    arms.update(_searched_arms(store, recipient, donor, "", found["minimal"], data, config, inputs))
     if stop_after == "arms":
         return arms
     for kind in config.search_kinds:  # one stored step per kind: 24 patches each
@@ -682,7 +744,44 @@ def run(config: DapaConfig, out: Path, *, stop_after: str = "report") -> dict[st
             return run_memory_space(recipient, donor, data, config, kinds=(kind,))
 
         store.get_or_compute(f"memory_space_{kind}", {**inputs, "kind": kind}, search)
+    if stop_after == "memory_space" or not config.ddmin_split:
+        return arms
+    fine = store.get_or_compute(
+        "ddmin_projections",
+        {**ddmin_inputs, "ddmin_split": list(config.ddmin_split)},
+        lambda: run_ddmin_projections(recipient, donor, data, config, out, inputs, found),
+    )
+    if stop_after == "ddmin_projections":
+        return arms
+    arms.update(
+        _searched_arms(store, recipient, donor, "_proj", fine["minimal"], data, config, inputs)
+    )
     return arms
+
+
+def _searched_arms(
+    store: StepStore,
+    recipient: Any,
+    donor: Any,
+    suffix: str,
+    modules: Sequence[str],
+    data: DapaData,
+    config: DapaConfig,
+    inputs: Mapping[str, Any],
+) -> dict[str, dict[str, Any]]:
+    """The arms ``ddmin{suffix}`` (``modules``) and ``random{suffix}_i``: ``config.n_random``
+    random module sets with as many parameters (seeded ``i``)."""
+    from contrans_tl.dapa import all_modules, n_parameters, random_modules
+
+    sets = {f"ddmin{suffix}": list(modules)}
+    budget = n_parameters(recipient, sets[f"ddmin{suffix}"])
+    pool = all_modules(recipient, ("attn", "gate", "up", "down"))
+    for i in range(config.n_random):
+        sets[f"random{suffix}_{i}"] = random_modules(pool, recipient, budget, seed=i)
+    return {
+        name: _arm(store, name, recipient, swap, data, config, inputs)
+        for name, swap in arm_interventions(recipient, donor, sets).items()
+    }
 
 
 def _contrans(
@@ -742,10 +841,14 @@ ARM_LABELS = {
     "recipient": "Recipient (harmful fine-tune of the donor)",
     "mlp_all": "DAPA: whole MLP of all layers",
     "heuristic": "DAPA: paper heuristic (gate, middle third of layers)",
-    "ddmin": "DAPA: ddmin-minimal set",
+    "ddmin": "DAPA: ddmin-minimal set of modules (stage 1)",
     "random_0": "Control: random modules, ddmin set's size (seed 0)",
     "random_1": "Control: random modules, ddmin set's size (seed 1)",
     "random_2": "Control: random modules, ddmin set's size (seed 2)",
+    "ddmin_proj": "DAPA: ddmin-minimal set of projections (stage 2)",
+    "random_proj_0": "Control: random modules, stage-2 set's size (seed 0)",
+    "random_proj_1": "Control: random modules, stage-2 set's size (seed 1)",
+    "random_proj_2": "Control: random modules, stage-2 set's size (seed 2)",
     "contrans": "ConTrans: donor refusal vector, mapped",
 }
 
@@ -823,6 +926,7 @@ def render_report(folder: str | Path, *, labels: str | Path | None = None) -> li
             "heuristic",
             "ddmin",
             "random_0",
+            "ddmin_proj",
             "contrans",
         )
     ]
@@ -844,46 +948,97 @@ def render_report(folder: str | Path, *, labels: str | Path | None = None) -> li
 
 
 def _goal_lines(arms: Mapping[str, Any]) -> list[str]:
-    """The issue's goal, checked for the ddmin set."""
+    """The issue's goal, checked for each ddmin set that has an arm."""
     lines: list[str] = []
-    rec = arms.get("recipient")
-    donor, mlp = arms.get("donor"), arms.get("ddmin")
-    if rec is not None and donor is not None and mlp is not None:
-        removed = donor["dsr"] - rec["dsr"]
-        restored = (mlp["dsr"] - rec["dsr"]) / removed if removed > 0 else float("nan")
-        h = arms.get("heuristic")
-        checks = [
+    rec, donor, h = arms.get("recipient"), arms.get("donor"), arms.get("heuristic")
+    for name in ("ddmin", "ddmin_proj"):
+        found = arms.get(name)
+        if rec is None or donor is None or found is None:
+            continue
+        lines += ["", f"Goal (issue 15) for the {ARM_LABELS[name][6:]}:", ""]
+        checks = _goal(found, rec, donor, h)
+        lines += [f"- {'met' if ok else '**not met**'}: {t}" for t, ok in checks]
+    return lines
+
+
+def _goal(
+    found: Mapping[str, Any],
+    rec: Mapping[str, Any],
+    donor: Mapping[str, Any],
+    heuristic: Mapping[str, Any] | None,
+) -> list[tuple[str, bool]]:
+    """The goal's checks for one arm, each as (text, met)."""
+    removed = donor["dsr"] - rec["dsr"]
+    restored = (found["dsr"] - rec["dsr"]) / removed if removed > 0 else float("nan")
+    frac = found["fraction_of_parameters"]
+    checks = [
+        (
+            f"restores ≥ 80% of the DSR the fine-tune removed: {100 * restored:.0f}%",
+            restored >= 0.8,
+        ),
+        (f"changes ≤ 10% of the parameters: {100 * frac:.2f}%", frac <= 0.10),
+        (
+            f"perplexity within +10% of the recipient's: {found['ppl']:.2f} vs {rec['ppl']:.2f}",
+            found["ppl"] <= 1.1 * rec["ppl"],
+        ),
+        (
+            f"over-refusal not above the donor's: {100 * found['over_refusal']:.1f}% vs "
+            f"{100 * donor['over_refusal']:.1f}%",
+            found["over_refusal"] <= donor["over_refusal"],
+        ),
+    ]
+    if heuristic is not None:
+        hf = heuristic["fraction_of_parameters"]
+        checks.append(
             (
-                f"restores ≥ 80% of the DSR the fine-tune removed: {100 * restored:.0f}%",
-                restored >= 0.8,
-            ),
-            (
-                f"changes ≤ 10% of the parameters: {100 * mlp['fraction_of_parameters']:.2f}%",
-                mlp["fraction_of_parameters"] <= 0.10,
-            ),
-            (
-                f"perplexity within +10% of the recipient's: {mlp['ppl']:.2f} vs {rec['ppl']:.2f}",
-                mlp["ppl"] <= 1.1 * rec["ppl"],
-            ),
-            (
-                f"over-refusal not above the donor's: {100 * mlp['over_refusal']:.1f}% vs "
-                f"{100 * donor['over_refusal']:.1f}%",
-                mlp["over_refusal"] <= donor["over_refusal"],
-            ),
-        ]
-        if h is not None:
-            checks.append(
-                (
-                    f"at least as good as the heuristic at no more parameters: DSR "
-                    f"{100 * mlp['dsr']:.1f}% vs {100 * h['dsr']:.1f}%, params "
-                    f"{100 * mlp['fraction_of_parameters']:.2f}% vs "
-                    f"{100 * h['fraction_of_parameters']:.2f}%",
-                    mlp["dsr"] >= h["dsr"]
-                    and mlp["fraction_of_parameters"] <= h["fraction_of_parameters"],
-                )
+                f"at least as good as the heuristic at no more parameters: DSR "
+                f"{100 * found['dsr']:.1f}% vs {100 * heuristic['dsr']:.1f}%, params "
+                f"{100 * frac:.2f}% vs {100 * hf:.2f}%",
+                found["dsr"] >= heuristic["dsr"] and frac <= hf,
             )
-        lines += ["", "Goal (issue 15) for the ddmin-minimal set:", ""]
-        lines += [f"- {'met' if ok else '**not met**'}: {text}" for text, ok in checks]
+        )
+    return checks
+
+
+def _ddmin_lines(folder: Path) -> list[str]:
+    """How far ddmin got: each stage's tests, kept set, or the cached tests so far."""
+    lines: list[str] = []
+    found = _load_result(folder, "ddmin")
+    fine = _load_result(folder, "ddmin_projections")
+    for stage, done in ((1, found), (2, fine)):
+        partial = folder / f"ddmin_stage{stage}_cache.json"
+        if done is None and partial.is_file():
+            tried = json.loads(partial.read_text()).get("outcomes", {})
+            lines += [
+                "",
+                f"ddmin stage {stage} is not finished: {len(tried)} tests are cached in "
+                f"`{partial.name}` ({sum(map(bool, tried.values()))} passed); a rerun resumes "
+                "there.",
+            ]
+    if found is not None:
+        s1 = found["stage1"]
+        lines += [
+            "",
+            f"ddmin on the first {found['n_requests']} validation requests with the proxy "
+            f"(refusal log-odds above {found['cutoff']:g}, the cutoff that agrees best with "
+            "generated text on the validation part); a set passes at ≥ "
+            f"{100 * found['threshold']:.1f}%, keeping all but the tolerance of the full "
+            f"transplant's gain ({100 * found['base_proxy_dsr']:.1f}% → "
+            f"{100 * found['full_proxy_dsr']:.1f}%). Stage 1 over the attention and the MLP of "
+            f"each of {found['n_layers']} layers asked {len(s1['trace'])} questions "
+            f"({s1['n_tests_run']} tests run in the last run, {s1['n_tests_cached']} answered "
+            f"from the cache) and kept {len(s1['minimal'])}: {', '.join(s1['minimal'])}. "
+            "Every test is in `ddmin.json` (set, proxy DSR, seconds).",
+        ]
+    if fine is not None:
+        s2 = fine["stage2"]
+        lines += [
+            "",
+            f"Stage 2 over {len(fine['candidates'])} candidates (stage 1's "
+            f"{'/'.join(fine['split'])} modules split into projections, the others whole) "
+            f"asked {len(s2['trace'])} questions and kept {len(s2['minimal'])}: "
+            f"{', '.join(s2['minimal'])} (`ddmin_projections.json`).",
+        ]
     return lines
 
 
@@ -908,30 +1063,7 @@ def _search_lines(folder: Path, labels: str | Path | None) -> list[str]:
             f"cutoff 0; {100 * cal['agreement']:.1f}% at the cutoff chosen on these requests, "
             f"{cal['cutoff']:g} (used by ddmin and the ConTrans α choice).",
         ]
-    found = _load_result(folder, "ddmin")
-    partial = folder / "ddmin_stage1_cache.json"
-    if found is None and partial.is_file():
-        tried = json.loads(partial.read_text()).get("outcomes", {})
-        lines += [
-            "",
-            f"ddmin is not finished: {len(tried)} stage-1 tests are cached in "
-            f"`{partial.name}` ({sum(map(bool, tried.values()))} passed); a rerun resumes there.",
-        ]
-    if found is not None:
-        s1, s2 = found["stage1"], found["stage2"]
-        lines += [
-            "",
-            f"ddmin on the first {found.get('n_requests', '?')} validation requests with the "
-            f"proxy (refusal log-odds above {found.get('cutoff', 0):g}, the cutoff that agrees "
-            "best with generated text on the validation part); a set passes at ≥ "
-            f"{100 * found['threshold']:.1f}%, keeping all but the tolerance of the full "
-            f"transplant's gain ({100 * found['base_proxy_dsr']:.1f}% → "
-            f"{100 * found['full_proxy_dsr']:.1f}%). Stage 1 over the attention and the MLP of "
-            f"each of {found['n_layers']} layers ran {s1['n_tests_run']} tests and kept "
-            f"{', '.join(s1['minimal'])}; stage 2 over their projections ran "
-            f"{s2['n_tests_run']} tests and kept {', '.join(s2['minimal'])}. Every test is in "
-            "`ddmin.json` (set, proxy DSR, seconds).",
-        ]
+    lines += _ddmin_lines(folder)
     choice = _load_result(folder, "contrans_choice")
     if choice is not None:
         sweep = ", ".join(
