@@ -585,6 +585,7 @@ def main() -> None:
     lines += ["## What moved inside the target (issue 5; `bash experiments/run_analysis.sh`)", ""]
     lines += analysis_section()
     lines += ["", *dapa_section(RESULTS / "dapa")]
+    lines += ["", *recontrol_section(RESULTS / "recontrol")]
     Path(args.out).write_text("\n".join(lines).rstrip() + "\n")
     print(f"wrote {args.out}")
 
@@ -603,6 +604,25 @@ def dapa_section(folder: Path) -> list[str]:
     if not folder.is_dir():
         return head + ["Not run."]
     from contrans_tl.pipelines.dapa import render_report
+
+    return head + render_report(folder)
+
+
+def recontrol_section(folder: Path) -> list[str]:
+    """RE-Control next to ConTrans and best-of-N on Gemma-3-270m's ToxiGen prompts (issue 16)."""
+    head = [
+        "## RE-Control on ToxiGen (issue 16; `python experiments/run_recontrol.py`)",
+        "",
+        "Target Gemma-3-270m, the ToxiGen protocol above (130 evaluation prompts, 39 "
+        "validation). The value function reads the final normalised state; its reward is "
+        "1 − P(toxic) of the n-gram classifier (`contrans_tl.evals.ngram_toxicity`), which "
+        "shares no features with the MiniLM judge. The control strength is chosen on the "
+        "validation prompts by the reward model alone.",
+        "",
+    ]
+    if not folder.is_dir():
+        return head + ["Not run."]
+    from contrans_tl.pipelines.recontrol import render_report
 
     return head + render_report(folder)
 

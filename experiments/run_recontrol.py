@@ -8,7 +8,6 @@ and the value artifact to ~/.cache/contrans_tl/recontrol/ (not committed).
 """
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
@@ -16,41 +15,6 @@ from contrans_tl.io import write_text
 from contrans_tl.pipelines.configs import ReControlConfig
 
 OUT = Path(__file__).parent / "results" / "recontrol"
-ARMS = (
-    ("base", "Base"),
-    ("contrans", "ConTrans (SmolLM2 → Gemma fairness)"),
-    ("recontrol", "RE-Control"),
-    ("recontrol_contrans", "RE-Control + ConTrans"),
-    ("best_of_n", "best-of-N (same reward)"),
-)
-
-
-def report(out: Path) -> list[str]:
-    """The table of the stored arms (no model is loaded)."""
-    lines = [
-        "| arm | toxic (judge: MiniLM) | toxic (reward: n-gram) | PPL | s / token |",
-        "|---|---|---|---|---|",
-    ]
-    for name, label in ARMS:
-        path = out / f"arm_{name}.json"
-        if not path.is_file():
-            lines.append(f"| {label} | not run | | | |")
-            continue
-        r = json.loads(path.read_text())["result"]
-        spt = r.get("seconds_per_token")
-        timing = (
-            f"{spt:.3f}"
-            if isinstance(spt, float) and spt == spt
-            else (
-                f"{r['seconds'] / max(r.get('generated_tokens', 1), 1):.3f} (all N samples)"
-                if "generated_tokens" in r
-                else "n/a"
-            )
-        )
-        ppl = r.get("ppl") or float("nan")
-        judge, rew = 100 * r["toxic_share_judge"], 100 * r["toxic_share_reward"]
-        lines.append(f"| {label} | {judge:.1f}% | {rew:.1f}% | {ppl:.1f} | {timing} |")
-    return lines
 
 
 def main() -> None:
@@ -67,7 +31,9 @@ def main() -> None:
 
         config = ReControlConfig()
         P.run(config, args.out, cache_dir() / "recontrol" / f"{config.target}-seed{config.seed}")
-    text = ["# RE-Control on ToxiGen (issue 16)", "", *report(args.out), ""]
+    from contrans_tl.pipelines.recontrol import render_report
+
+    text = ["# RE-Control on ToxiGen (issue 16)", "", *render_report(args.out), ""]
     write_text(args.out / "recontrol.md", "\n".join(text))
 
 

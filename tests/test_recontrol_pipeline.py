@@ -93,3 +93,31 @@ def test_choose_control_follows_its_rule(small_llama):
         small_llama, ValueNetwork(48, (8,)), data, Letters(), SMALL, base_ppl=1e-9
     )
     assert strict["pick"]["ppl"] == min(r["ppl"] for r in strict["sweep"])  # none within the limit
+
+
+def test_report_pairs_arms_with_base_and_checks_the_goal(tmp_path):
+    from contrans_tl.io import write_json
+    from contrans_tl.pipelines.recontrol import render_report
+
+    def arm(name, toxic, ppl, spt):
+        row = {
+            "toxic_judge": toxic,
+            "toxic_share_judge": sum(toxic) / len(toxic),
+            "toxic_share_reward": 0.25,
+            "ppl": ppl,
+            "seconds_per_token": spt,
+        }
+        write_json(tmp_path / f"arm_{name}.json", {"inputs": {}, "result": row})
+
+    arm("base", [True] * 8 + [False] * 2, 20.0, 0.01)
+    arm("contrans", [True] * 4 + [False] * 6, 26.0, 0.011)
+    arm("recontrol", [False] * 2 + [True] * 3 + [False] * 5, 24.0, 0.03)
+    arm("recontrol_contrans", [True] + [False] * 9, 30.0, 0.031)
+    text = "\n".join(render_report(tmp_path))
+    # recontrol vs base, non-toxic: base non-toxic only at 8, 9; recontrol at 0, 1, 5..9
+    assert "| RE-Control | 30.0% | +5/−0, p=0.062 | 25.0% | 24.0 | 0.0300 |" in text
+    assert "met: RE-Control lowers the judge's toxic share at least as much" in text
+    assert "met: at no worse perplexity: 24.0 vs 26.0" in text
+    assert "**not met**: at most 2× ConTrans's time per token" in text
+    assert "met: RE-Control + ConTrans beats both alone: 10.0%" in text
+    assert "Not run yet: Self-Align" in text

@@ -958,6 +958,10 @@ class ReControlConfig:
     contrans_alpha: float = field(
         default=1.5, metadata=_help("ConTrans fairness strength (the alignment run's pick)")
     )
+    self_alpha: float = field(
+        default=0.9,
+        metadata=_help("Self-Align strength: the target's own vector (the alignment run's pick)"),
+    )
     n_map_texts: int = field(default=2000, metadata=_help("WikiSplit sentences for the map"))
     n_ppl: int = field(default=100, metadata=_help("held-out WikiSplit sentences for perplexity"))
     ppl_limit: float = field(default=2.0, metadata=_help("control must keep ppl <= this x base"))
@@ -982,6 +986,7 @@ class ReControlConfig:
         )
         _check_finite("temperature", self.temperature, positive=True)
         _check_finite("contrans_alpha", self.contrans_alpha, positive=True)
+        _check_finite("self_alpha", self.self_alpha, positive=True)
         _check_finite("ppl_limit", self.ppl_limit, positive=True)
         if not self.steps or any(isinstance(n, bool) or n < 1 for n in self.steps):
             raise ValueError(f"steps must hold ints >= 1, got {self.steps!r}")

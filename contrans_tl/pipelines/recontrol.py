@@ -14,8 +14,8 @@ resumes, the rollouts chunk by chunk):
 4. ``arm_*``: on the evaluation prompts, toxic share by the judge (MiniLM) and by the
    reward model, perplexity on held-out WikiSplit, seconds per generated token.
 
-Arms: Base, ConTrans (fairness vector from the source, mapped), RE-Control, RE-Control +
-ConTrans, and best-of-N with the same reward.
+Arms: Base, Self-Align (the target's own fairness vector), ConTrans (the source's, mapped),
+RE-Control, RE-Control + ConTrans, and best-of-N with the same reward.
 """
 
 import logging
@@ -35,6 +35,7 @@ __all__ = [
     "best_of_n",
     "choose_control",
     "run",
+    "render_report",
 ]
 
 _log = logging.getLogger(__name__)
@@ -208,18 +209,24 @@ def choose_control(
     return {"sweep": sweep, "pick": pick, "base_ppl_validation": base_ppl}
 
 
+def _fairness_vector(model: Any, config: ReControlConfig) -> Any:
+    """The fairness vector of ``model`` (mean difference on the Table 9 prompts)."""
+    from contrans_tl.concepts import mean_difference
+    from contrans_tl.evals.toxigen import fairness_examples, fairness_prompts
+
+    pos, neg = fairness_prompts(model, fairness_examples(seed=config.seed))
+    return mean_difference(model, pos, neg, concept="fairness", batch_size=config.batch_size)
+
+
 def _contrans_steering(target: Any, config: ReControlConfig) -> Any:
     """The ConTrans fairness steering of the target (source vector, word-end map)."""
     import contrans_tl as ct
-    from contrans_tl.concepts import mean_difference
     from contrans_tl.data import wikisplit_sentences
-    from contrans_tl.evals.toxigen import fairness_examples, fairness_prompts
     from contrans_tl.maps import fit_residual_map
     from contrans_tl.steering import make_steering
 
     source = ct.load_model(config.source)
-    pos, neg = fairness_prompts(source, fairness_examples(seed=config.seed))
-    vector = mean_difference(source, pos, neg, concept="fairness", batch_size=config.batch_size)
+    vector = _fairness_vector(source, config)
     rmap = fit_residual_map(
         source,
         target,
@@ -228,6 +235,14 @@ def _contrans_steering(target: Any, config: ReControlConfig) -> Any:
         seed=config.seed,
     )
     return make_steering(target, rmap.transplant(vector), config.contrans_alpha, name="contrans")
+
+
+def _self_steering(target: Any, config: ReControlConfig) -> Any:
+    """Self-Align: the target's own fairness vector at ``config.self_alpha``."""
+    from contrans_tl.steering import make_steering
+
+    vector = _fairness_vector(target, config)
+    return make_steering(target, vector, config.self_alpha, name="self")
 
 
 def _value_step(
@@ -324,6 +339,7 @@ def run(config: ReControlConfig, out: Path, work: Path) -> dict[str, Any]:
     arms = {}
     treatments: dict[str, Any] = {
         "base": None,
+        "self": _self_steering(target, config),
         "contrans": steering,
         "recontrol": control,
         "recontrol_contrans": Stack([steering, control], name="recontrol+contrans"),
@@ -347,3 +363,115 @@ def run(config: ReControlConfig, out: Path, work: Path) -> dict[str, Any]:
 
     arms["best_of_n"] = store.get_or_compute("arm_best_of_n", {**inputs, "arm": "best_of_n"}, bon)
     return {"value": value_report, "choice": choice, "arms": arms}
+
+
+#: Arms in report order, with their labels.
+ARM_LABELS = {
+    "base": "Base",
+    "self": "Self-Align (the target's own fairness vector)",
+    "contrans": "ConTrans (SmolLM2 fairness vector, mapped)",
+    "recontrol": "RE-Control",
+    "recontrol_contrans": "RE-Control + ConTrans",
+    "best_of_n": "best-of-N (same reward)",
+}
+
+
+def _stored(folder: Path, name: str) -> Any:
+    import json
+
+    path = folder / f"{name}.json"
+    return json.loads(path.read_text())["result"] if path.is_file() else None
+
+
+def _seconds_per_token(row: Mapping[str, Any]) -> str:
+    spt = row.get("seconds_per_token")
+    if isinstance(spt, float) and spt == spt:
+        return f"{spt:.4f}"
+    if row.get("generated_tokens"):  # best-of-N: sampling all N and scoring them
+        return f"{row['seconds'] / row['generated_tokens']:.4f} per sampled token"
+    return "n/a"
+
+
+def render_report(folder: str | Path) -> list[str]:
+    """The RE-Control section (Markdown lines) from the stored steps in ``folder``: the arms
+    with paired tests against Base (non-toxic by the judge), the value function's held-out
+    report, the control sweep, and the issue's goal."""
+    from contrans_tl.pipelines.dapa import mcnemar
+
+    folder = Path(folder)
+    arms = {a: r for a in ARM_LABELS if (r := _stored(folder, f"arm_{a}")) is not None}
+    lines = [
+        "| arm | toxic (judge: MiniLM) | vs Base (non-toxic) | toxic (reward: n-gram) | PPL "
+        "| s / token |",
+        "|---|---|---|---|---|---|",
+    ]
+    base = arms.get("base")
+    for a, r in arms.items():
+        paired = ""
+        if base is not None and a != "base":
+            t = mcnemar([not x for x in base["toxic_judge"]], [not x for x in r["toxic_judge"]])
+            paired = f"+{t['gained']}/−{t['lost']}, p={t['p']:.2g}"
+        ppl = r.get("ppl")
+        lines.append(
+            f"| {ARM_LABELS[a]} | {100 * r['toxic_share_judge']:.1f}% | {paired} | "
+            f"{100 * r['toxic_share_reward']:.1f}% | {f'{ppl:.1f}' if ppl else 'n/a'} | "
+            f"{_seconds_per_token(r)} |"
+        )
+    missing = [ARM_LABELS[a] for a in ARM_LABELS if a not in arms]
+    if missing:
+        lines += ["", f"Not run yet: {'; '.join(missing)}."]
+    value = _stored(folder, "value")
+    if value is not None:
+        lines += [
+            "",
+            "Value function (held-out rollouts): "
+            + ", ".join(f"{k} {v:.3g}" for k, v in value.items() if isinstance(v, float))
+            + ".",
+        ]
+    choice = _stored(folder, "choice")
+    if choice is not None:
+        sweep = "; ".join(
+            f"n={s['n_steps']}, η={s['step_size']:g}: reward-toxic {100 * s['toxic_share']:.0f}%, "
+            f"PPL {s['ppl']:.1f}"
+            for s in choice["sweep"]
+        )
+        pick = choice["pick"]
+        lines += [
+            "",
+            f"Control chosen on the validation prompts by the reward model only (Base PPL "
+            f"{choice['base_ppl_validation']:.1f}): {sweep}; picked n={pick['n_steps']}, "
+            f"η={pick['step_size']:g}.",
+        ]
+    return lines + _recontrol_goal(arms)
+
+
+def _recontrol_goal(arms: Mapping[str, Any]) -> list[str]:
+    """Issue 16's goal on Gemma, checked on the stored arms."""
+    need = ("base", "contrans", "recontrol", "recontrol_contrans")
+    if not all(a in arms for a in need):
+        return []
+    ct, rc = arms["contrans"], arms["recontrol"]
+    tox = {a: arms[a]["toxic_share_judge"] for a in need}
+    spt = (rc.get("seconds_per_token"), ct.get("seconds_per_token"))
+    checks = [
+        (
+            f"RE-Control lowers the judge's toxic share at least as much as ConTrans: "
+            f"{100 * tox['base']:.1f}% → {100 * tox['recontrol']:.1f}% vs "
+            f"{100 * tox['contrans']:.1f}%",
+            tox["recontrol"] <= tox["contrans"],
+        ),
+        (
+            f"at no worse perplexity: {rc['ppl']:.1f} vs {ct['ppl']:.1f}",
+            rc["ppl"] <= ct["ppl"],
+        ),
+        (
+            f"at most 2× ConTrans's time per token: {spt[0]:.4f} vs {spt[1]:.4f} s",
+            spt[0] <= 2 * spt[1],
+        ),
+        (
+            f"RE-Control + ConTrans beats both alone: {100 * tox['recontrol_contrans']:.1f}%",
+            tox["recontrol_contrans"] < min(tox["recontrol"], tox["contrans"]),
+        ),
+    ]
+    lines = ["", "Goal (issue 16) on Gemma-3-270m:", ""]
+    return lines + [f"- {'met' if ok else '**not met**'}: {t}" for t, ok in checks]
