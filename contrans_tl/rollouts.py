@@ -40,6 +40,8 @@ __all__ = [
     "ROLLOUT_KIND",
     "Reward",
     "ClassifierReward",
+    "LikelihoodRatioReward",
+    "continuation_logprob",
     "Rollouts",
     "sample_continuations",
     "read_states",
@@ -292,6 +294,84 @@ def read_states(
     return [t for t in out if t is not None]
 
 
+def _check_same_tokenizer(model: Any, other: Any, prompts: Sequence[str]) -> None:
+    """Refuse a second model whose tokenizer encodes the prompts differently."""
+    for p in prompts[:8]:
+        if list(model.tokenizer(p)["input_ids"]) != list(other.tokenizer(p)["input_ids"]):
+            raise ValueError(
+                "the writer's tokenizer encodes the prompts differently from the model's "
+                f"(first seen on {p[:60]!r}); continuations are read back token by token, so "
+                "both need one tokenizer (e.g. an aligned model and its fine-tune)"
+            )
+
+
+def continuation_logprob(
+    model: Any,
+    prompts: Sequence[str],
+    continuations: Sequence[str],
+    *,
+    batch_size: int = 8,
+) -> list[float]:
+    """Mean log-probability per token of each continuation after its prompt (0.0 for an
+    empty one). The prompt is tokenized as generation does (the tokenizer's default), the
+    continuation without special tokens, and the two are joined."""
+    from contrans_tl.forward import Forward
+
+    if len(prompts) != len(continuations):
+        raise ValueError(
+            f"one prompt per continuation needed, got {len(prompts)} and {len(continuations)}"
+        )
+    tok = model.tokenizer
+    heads = [list(tok(p)["input_ids"]) for p in prompts]
+    tails = [
+        list(tok(c, add_special_tokens=False)["input_ids"]) if c else [] for c in continuations
+    ]
+    keep = [i for i, t in enumerate(tails) if t]
+    out = [0.0] * len(prompts)
+    pad = pad_token_id(tok, int(model.cfg.d_vocab))
+    seqs = [heads[i] + tails[i] for i in keep]
+    with Forward(model) as fwd:
+        for batch in padded_batches(seqs, batch_size, pad, device=model_device(model)):
+            at = torch.zeros_like(batch.mask, dtype=torch.bool)
+            width = batch.ids.shape[1]
+            for r, j in enumerate(batch.index):
+                n = len(tails[keep[j]])
+                at[r, width - n - 1 : width - 1] = True  # the positions predicting the tail
+            lp = fwd.token_logprobs(batch.ids, batch.mask, at, batch.ids.roll(-1, dims=1))
+            sizes = [len(tails[keep[j]]) for j in batch.index]
+            for j, row in zip(batch.index, lp.double().cpu().split(sizes)):
+                out[keep[j]] = float(row.mean())
+    return out
+
+
+@dataclass
+class LikelihoodRatioReward:
+    """How much more an aligned model likes a continuation than a reference model does:
+    ``mean_t [log p_aligned(y_t | x, y_<t) − log p_reference(y_t | x, y_<t)]`` over the
+    continuation's tokens (0.0 for an empty one).
+
+    This is the implicit reward of DPO (Rafailov et al. 2023, Eq. 5, β = 1) averaged per
+    token instead of summed, so long and short continuations compare. With an aligned
+    model and its harmful fine-tune, refusals score high and compliance low, without a
+    hand-written phrase list (so it is not the refusal judge the results are scored by).
+
+    Attributes:
+        aligned, reference: models with one tokenizer.
+        name: recorded with the rollouts.
+        batch_size: sequences per forward pass.
+    """
+
+    aligned: Any
+    reference: Any
+    name: str = "likelihood-ratio"
+    batch_size: int = 8
+
+    def __call__(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[float]:
+        a = continuation_logprob(self.aligned, prompts, continuations, batch_size=self.batch_size)
+        b = continuation_logprob(self.reference, prompts, continuations, batch_size=self.batch_size)
+        return [x - y for x, y in zip(a, b)]
+
+
 def _chunk_inputs(model: Any, prompts: Sequence[str], settings: dict[str, Any]) -> dict[str, Any]:
     digest = hashlib.sha256(json.dumps(list(prompts)).encode()).hexdigest()
     return {"model": model_provenance(model).to_dict(), "prompts_sha256": digest, **settings}
@@ -311,12 +391,19 @@ def collect_rollouts(
     seed: int = 0,
     batch_size: int = 8,
     chunk_size: int = 32,
+    writer: Any = None,
 ) -> Rollouts:
     """Rollouts of ``prompts`` with their states and rewards, made chunk by chunk.
 
     Chunk ``k`` (prompts ``k·chunk_size`` on) is saved as ``FOLDER/chunk_KKKK`` when done;
-    a chunk already there with the same inputs (model, prompts, settings, reward name) is
-    read instead of made again. Sampling is seeded per chunk (``seed + k``).
+    a chunk already there with the same inputs (model, prompts, settings, reward name,
+    writer) is read instead of made again. Sampling is seeded per chunk (``seed + k``).
+
+    Args:
+        writer: the model that writes the continuations (default ``model``), e.g. an aligned
+            model whose refusals the value function should see; the states are always
+            ``model``'s reading of them. It must share ``model``'s tokenizer (checked on
+            the prompts).
 
     Returns:
         All rollouts, ``prompt_index`` counting in ``prompts``.
@@ -331,6 +418,9 @@ def collect_rollouts(
         "seed": seed,
         "reward": reward.name,
     }
+    if writer is not None and writer is not model:
+        _check_same_tokenizer(model, writer, prompts)
+        settings["writer"] = model_provenance(writer).to_dict()
     parts: list[Rollouts] = []
     for k, start in enumerate(range(0, len(prompts), chunk_size)):
         chunk = list(prompts[start : start + chunk_size])
@@ -342,7 +432,7 @@ def collect_rollouts(
                 parts.append(data)
                 continue
         conts = sample_continuations(
-            model,
+            model if writer is None else writer,
             chunk,
             n_samples=n_samples,
             greedy=greedy,

@@ -282,3 +282,59 @@ def test_control_stacks_with_a_steering(small_llama):
     alone = generate(small_llama, PROMPTS, max_new_tokens=5, decode=False, intervention=steering)
     assert got == again and got != alone
     assert _hooks_on(small_llama) == 0
+
+
+def test_continuation_logprob_matches_a_direct_forward_pass(small_llama):
+    from contrans_tl.rollouts import continuation_logprob
+
+    conts = ["ab", "", "hello there", "x"]
+    got = continuation_logprob(small_llama, PROMPTS[:4], conts, batch_size=3)
+    tok = small_llama.tokenizer
+    for p, c, g in zip(PROMPTS[:4], conts, got):
+        if not c:
+            assert g == 0.0
+            continue
+        head = tok(p)["input_ids"]
+        tail = tok(c, add_special_tokens=False)["input_ids"]
+        logits = small_llama(torch.tensor([head + tail]))[0].log_softmax(-1)
+        want = torch.stack([logits[len(head) - 1 + t, tail[t]] for t in range(len(tail))]).mean()
+        assert g == pytest.approx(float(want), abs=1e-4)
+
+
+def test_likelihood_ratio_reward_prefers_what_the_aligned_model_writes(small_llama, byte_tokenizer):
+    from contrans_tl.rollouts import LikelihoodRatioReward
+    from tests.conftest import tiny_llama
+
+    other = tiny_llama(byte_tokenizer, d_model=48, n_layers=3, seed=5, name="tiny-llama-48b")
+    assert LikelihoodRatioReward(small_llama, small_llama)(PROMPTS[:2], ["ab", "c"]) == [0.0, 0.0]
+    ids = generate(small_llama, PROMPTS[:3], max_new_tokens=6, decode=False)
+    own = [small_llama.tokenizer.decode(r) for r in ids]
+    reward = LikelihoodRatioReward(small_llama, other)
+    flipped = LikelihoodRatioReward(other, small_llama)
+    got = reward(PROMPTS[:3], own)
+    assert all(r > 0 for r in got)  # its own greedy text is likelier under the aligned model
+    assert flipped(PROMPTS[:3], own) == pytest.approx([-r for r in got])
+
+
+def test_rollouts_written_by_another_model_are_read_by_the_model(
+    small_llama, byte_tokenizer, tmp_path
+):
+    from tests.conftest import tiny_llama
+
+    writer = tiny_llama(byte_tokenizer, d_model=48, n_layers=3, seed=5, name="tiny-llama-48b")
+
+    class Zero:
+        name = "zero"
+
+        def __call__(self, prompts, continuations):
+            return [0.0] * len(continuations)
+
+    data = collect_rollouts(
+        small_llama, PROMPTS[:2], Zero(), tmp_path, n_samples=0, max_new_tokens=4, writer=writer
+    )
+    written = generate(writer, PROMPTS[:2], max_new_tokens=4, decode=False)
+    assert written != generate(small_llama, PROMPTS[:2], max_new_tokens=4, decode=False)
+    for k, ids in enumerate(written):
+        want = read_states(small_llama, PROMPTS[:2], [(k, ids)], hook=FINAL_STATE)[0]
+        got = data.states[data.offsets[k] : data.offsets[k + 1]].float()
+        assert torch.allclose(got, want, atol=2e-3)  # states kept in float16
