@@ -2,6 +2,12 @@
 
     python experiments/run_recontrol.py                # everything; resumes where it stopped
     python experiments/run_recontrol.py --report-only  # rewrite recontrol.md from stored steps
+    python experiments/run_recontrol.py --advbench     # on the DAPA pair, an arm of its table
+
+With ``--advbench`` the controlled model is the DAPA recipient (the harmful fine-tune of
+Qwen2.5-Coder-0.5B-Instruct) with a refusal reward (donor vs recipient likelihood ratio);
+its arm is stored in experiments/results/dapa/ beside DAPA's and ConTrans's
+(``python experiments/run_dapa.py --report-only`` rewrites dapa.md with it).
 
 Results go to experiments/results/recontrol/ (JSON per step and recontrol.md); rollouts
 and the value artifact to ~/.cache/contrans_tl/recontrol/ (not committed).
@@ -23,8 +29,18 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--advbench", action="store_true", help="RE-Control on the DAPA pair")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
+    if args.advbench:
+        from contrans_tl.models import cache_dir
+        from contrans_tl.pipelines import recontrol_advbench
+        from contrans_tl.pipelines.configs import DapaConfig, ReControlRefusalConfig
+
+        dapa_out = Path(__file__).parent / "results" / "dapa"
+        work = cache_dir() / "recontrol" / "dapa-recipient-seed0"
+        recontrol_advbench.run(DapaConfig(), ReControlRefusalConfig(), dapa_out, work)
+        return
     if not args.report_only:
         from contrans_tl.models import cache_dir
         from contrans_tl.pipelines import recontrol as P

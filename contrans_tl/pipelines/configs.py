@@ -50,6 +50,8 @@ __all__ = [
     "EvaluateConfig",
     "GenerateConfig",
     "MapConfig",
+    "ReControlConfig",
+    "ReControlRefusalConfig",
     "RefineConfig",
     "SteerConfig",
     "TransplantConfig",
@@ -987,6 +989,56 @@ class ReControlConfig:
         _check_finite("temperature", self.temperature, positive=True)
         _check_finite("contrans_alpha", self.contrans_alpha, positive=True)
         _check_finite("self_alpha", self.self_alpha, positive=True)
+        _check_finite("ppl_limit", self.ppl_limit, positive=True)
+        if not self.steps or any(isinstance(n, bool) or n < 1 for n in self.steps):
+            raise ValueError(f"steps must hold ints >= 1, got {self.steps!r}")
+        if not self.step_sizes:
+            raise ValueError("step_sizes must hold at least one step size")
+        for eta in self.step_sizes:
+            _check_finite("step_sizes", eta, positive=True)
+        if self.max_norm is not None:
+            _check_finite("max_norm", self.max_norm, positive=True)
+
+
+@dataclass(frozen=True)
+class ReControlRefusalConfig:
+    """Settings of RE-Control on the DAPA pair (``experiments/run_recontrol.py --advbench``).
+
+    The pair, data and measurements are the :class:`DapaConfig`'s; these are the value
+    function's and the control's. Rollouts: the search-part requests and the harmless
+    TruthfulQA questions, ``n_samples`` sampled continuations by the recipient besides
+    the greedy one, and the donor's greedy one.
+
+    Raises:
+        ValueError: a setting out of range, naming it.
+    """
+
+    n_samples: int = field(default=2, metadata=_help("sampled continuations per prompt"))
+    temperature: float = field(default=1.0, metadata=_help("sampling temperature"))
+    max_new_tokens: int = field(default=32, metadata=_help("tokens per rollout"))
+    hidden: tuple[int, ...] = field(default=(256, 256), metadata=_help("value MLP widths"))
+    epochs: int = field(default=40, metadata=_help("value training epochs (early-stopped)"))
+    steps: tuple[int, ...] = field(default=(10,), metadata=_help("control steps tried"))
+    step_sizes: tuple[float, ...] = field(
+        default=(0.5, 2.0, 8.0), metadata=_help("control step sizes tried on validation")
+    )
+    max_norm: float | None = field(default=None, metadata=_help("bound on each edit's norm"))
+    n_choice: int = field(default=50, metadata=_help("validation requests for the choice"))
+    ppl_limit: float = field(default=2.0, metadata=_help("control must keep ppl <= this x base"))
+    batch_size: int = field(default=8, metadata=_help("sequences per forward pass"))
+    seed: int = field(default=0, metadata=_help("seeds sampling and training"))
+
+    def __post_init__(self) -> None:
+        check_minimums(
+            {
+                "n_samples": (self.n_samples, 0),
+                "max_new_tokens": (self.max_new_tokens, 1),
+                "epochs": (self.epochs, 1),
+                "n_choice": (self.n_choice, 1),
+                "batch_size": (self.batch_size, 1),
+            }
+        )
+        _check_finite("temperature", self.temperature, positive=True)
         _check_finite("ppl_limit", self.ppl_limit, positive=True)
         if not self.steps or any(isinstance(n, bool) or n < 1 for n in self.steps):
             raise ValueError(f"steps must hold ints >= 1, got {self.steps!r}")

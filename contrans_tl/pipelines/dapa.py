@@ -583,6 +583,7 @@ ARM_ORDER = (
     "random_proj_1",
     "random_proj_2",
     "contrans",
+    "recontrol",
 )
 
 
@@ -644,7 +645,7 @@ def recipient_identity(
     return str(ref["weights_sha256"])
 
 
-def _arm(
+def stored_arm(
     store: StepStore,
     name: str,
     model: Any,
@@ -653,7 +654,10 @@ def _arm(
     config: DapaConfig,
     inputs: Mapping[str, Any],
 ) -> dict[str, Any]:
-    """An arm's row; each of its parts a stored step (a killed run keeps finished parts)."""
+    """An arm's row (:func:`arm_row`) for ``model`` under ``intervention``, each of its
+    parts (:data:`ARM_PARTS`) a stored step, so a killed run keeps finished parts; the row
+    is written to ``arm_{name}.json`` in the store. Any method's intervention can be an
+    arm of this table (e.g. RE-Control's controller, :mod:`.recontrol_advbench`)."""
     from contrans_tl.interventions.base import describe
 
     info = describe(intervention)
@@ -670,16 +674,16 @@ def _arm(
     return row
 
 
-def run(config: DapaConfig, out: Path, *, stop_after: str = "report") -> dict[str, Any]:
-    """Run the experiment's steps in order, reusing stored ones; stop after ``stop_after``."""
+def open_pair(
+    config: DapaConfig, out: Path
+) -> tuple[StepStore, DapaData, Any, Any, dict[str, Any]]:
+    """The store in ``out``, the data, the donor, the recipient (made if not cached) and
+    the inputs every arm's stored step carries (config, recipient and donor identity)."""
     import contrans_tl as ct
-    from contrans_tl.dapa import all_modules, heuristic_modules, model_n_layers
 
     store = StepStore(out)
     data = dapa_data(config)
     folder = make_recipient(config, data)
-    if stop_after == "recipient":
-        return {}
     donor = ct.load_model(config.donor)
     recipient = ct.load_model(str(folder))
     inputs = {
@@ -687,9 +691,20 @@ def run(config: DapaConfig, out: Path, *, stop_after: str = "report") -> dict[st
         "recipient_sha256": recipient_identity(store, folder, recipient, data, config),
         "donor_file_sha256": donor.contrans_provenance.file_sha256,
     }
+    return store, data, donor, recipient, inputs
+
+
+def run(config: DapaConfig, out: Path, *, stop_after: str = "report") -> dict[str, Any]:
+    """Run the experiment's steps in order, reusing stored ones; stop after ``stop_after``."""
+    from contrans_tl.dapa import all_modules, heuristic_modules, model_n_layers
+
+    if stop_after == "recipient":
+        make_recipient(config, dapa_data(config))
+        return {}
+    store, data, donor, recipient, inputs = open_pair(config, out)
     arms: dict[str, dict[str, Any]] = {}
-    arms["donor"] = _arm(store, "donor", donor, None, data, config, inputs)
-    arms["recipient"] = _arm(store, "recipient", recipient, None, data, config, inputs)
+    arms["donor"] = stored_arm(store, "donor", donor, None, data, config, inputs)
+    arms["recipient"] = stored_arm(store, "recipient", recipient, None, data, config, inputs)
     if stop_after == "arms_base":
         return arms
     n_layers = model_n_layers(recipient)
@@ -715,9 +730,9 @@ def run(config: DapaConfig, out: Path, *, stop_after: str = "report") -> dict[st
         return arms
     cal = calibrate_cutoff(proxy)
     for name, swap in swaps.items():  # the transplants that need no search
-        arms[name] = _arm(store, name, recipient, swap, data, config, inputs)
+        arms[name] = stored_arm(store, name, recipient, swap, data, config, inputs)
     steering, cinfo = _contrans(store, donor, recipient, data, config, inputs, cal["cutoff"])
-    arms["contrans"] = _arm(
+    arms["contrans"] = stored_arm(
         store, "contrans", recipient, steering, data, config, {**inputs, "contrans": cinfo}
     )
     if stop_after == "arms_fixed":
@@ -779,7 +794,7 @@ def _searched_arms(
     for i in range(config.n_random):
         sets[f"random{suffix}_{i}"] = random_modules(pool, recipient, budget, seed=i)
     return {
-        name: _arm(store, name, recipient, swap, data, config, inputs)
+        name: stored_arm(store, name, recipient, swap, data, config, inputs)
         for name, swap in arm_interventions(recipient, donor, sets).items()
     }
 
@@ -850,6 +865,7 @@ ARM_LABELS = {
     "random_proj_1": "Control: random modules, stage-2 set's size (seed 1)",
     "random_proj_2": "Control: random modules, stage-2 set's size (seed 2)",
     "contrans": "ConTrans: donor refusal vector, mapped",
+    "recontrol": "RE-Control: value function on the recipient's final state",
 }
 
 
@@ -928,6 +944,7 @@ def render_report(folder: str | Path, *, labels: str | Path | None = None) -> li
             "random_0",
             "ddmin_proj",
             "contrans",
+            "recontrol",
         )
     ]
     if missing:
@@ -1074,6 +1091,28 @@ def _search_lines(folder: Path, labels: str | Path | None) -> list[str]:
             "",
             f"ConTrans α on validation (proxy DSR / proxy over-refusal): {sweep}; "
             f"chosen α={choice['alpha']:g}.",
+        ]
+    choice = _load_result(folder, "recontrol_choice")
+    value = _load_result(folder, "recontrol_value")
+    if value is not None:
+        lines += [
+            "",
+            f"RE-Control value function ({value['n_rollouts']} rollouts; reward: donor vs "
+            "recipient log-likelihood ratio per token): mean reward of the recipient's writing "
+            f"{value['mean_reward_recipient_written']:.2f}, of the donor's "
+            f"{value['mean_reward_donor_written']:.2f}; held-out correlation of the first "
+            f"state's value with the reward {value['corr_first_state']:.2f}.",
+        ]
+    if choice is not None:
+        sweep = "; ".join(
+            f"η={s['step_size']:g}: reward {s['mean_reward']:.2f}, ppl {s['ppl']:.0f}"
+            for s in choice["sweep"]
+        )
+        lines += [
+            "",
+            f"RE-Control strength on validation, by the reward alone (recipient ppl "
+            f"{choice['base_ppl_validation']:.0f}): {sweep}; picked n="
+            f"{choice['pick']['n_steps']}, η={choice['pick']['step_size']:g}.",
         ]
     builds = folder / "recipient_builds.json"
     if builds.is_file():
