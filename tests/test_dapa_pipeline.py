@@ -16,8 +16,8 @@ from contrans_tl.pipelines.dapa import (
     dapa_data,
     mcnemar,
     measure_arm,
-    proxy_dsr,
     projection_candidates,
+    proxy_dsr,
     run_ddmin,
     run_ddmin_projections,
 )

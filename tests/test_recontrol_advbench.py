@@ -65,3 +65,22 @@ def test_choice_picks_from_its_sweep_within_the_perplexity_limit(pair, tmp_path)
 def test_bad_refusal_control_configs_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ReControlRefusalConfig(**kwargs)
+
+
+def test_time_arms_counts_the_generated_tokens(pair):  # noqa: F811
+    from contrans_tl.evals.refusal import chat_prompts
+    from contrans_tl.pipelines.recontrol_advbench import time_arms
+    from contrans_tl.steering import generate
+
+    recipient, donor = pair
+    prompts = chat_prompts(recipient, _small_data().test[:3])
+    got = time_arms(
+        {"recipient": (recipient, None), "donor": (donor, None)},
+        prompts,
+        max_new_tokens=4,
+        batch_size=2,
+    )
+    for name, model in (("recipient", recipient), ("donor", donor)):
+        ids = generate(model, prompts, max_new_tokens=4, decode=False)
+        assert got[name]["tokens"] == sum(len(r) for r in ids)
+        assert got[name]["seconds_per_token"] == got[name]["seconds"] / got[name]["tokens"] > 0

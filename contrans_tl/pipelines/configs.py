@@ -1024,6 +1024,7 @@ class ReControlRefusalConfig:
     )
     max_norm: float | None = field(default=None, metadata=_help("bound on each edit's norm"))
     n_choice: int = field(default=50, metadata=_help("validation requests for the choice"))
+    n_timing: int = field(default=32, metadata=_help("test requests each arm is timed on"))
     ppl_limit: float = field(default=2.0, metadata=_help("control must keep ppl <= this x base"))
     batch_size: int = field(default=8, metadata=_help("sequences per forward pass"))
     seed: int = field(default=0, metadata=_help("seeds sampling and training"))
@@ -1035,6 +1036,7 @@ class ReControlRefusalConfig:
                 "max_new_tokens": (self.max_new_tokens, 1),
                 "epochs": (self.epochs, 1),
                 "n_choice": (self.n_choice, 1),
+                "n_timing": (self.n_timing, 1),
                 "batch_size": (self.batch_size, 1),
             }
         )

@@ -1114,6 +1114,18 @@ def _search_lines(folder: Path, labels: str | Path | None) -> list[str]:
             f"{choice['base_ppl_validation']:.0f}): {sweep}; picked n="
             f"{choice['pick']['n_steps']}, η={choice['pick']['step_size']:g}.",
         ]
+    timing = _load_result(folder, "timing")
+    if timing is not None:
+        cells = ", ".join(
+            f"{ARM_LABELS.get(a, a).split(':')[0] if a in ('donor', 'recipient') else a} "
+            f"{1000 * t['seconds_per_token']:.1f} ms"
+            for a, t in timing.items()
+        )
+        lines += [
+            "",
+            "Time per generated token, the same test requests, side by side in one run "
+            f"(fastest of two rounds): {cells}.",
+        ]
     builds = folder / "recipient_builds.json"
     if builds.is_file():
         b = json.loads(builds.read_text())

@@ -16,7 +16,9 @@ Steps, each stored (:class:`~contrans_tl.pipelines.steps.StepStore`, in the DAPA
 2. ``recontrol_choice``: ``(n_steps, η)`` with the highest mean *reward* on the first
    ``n_choice`` validation requests among those whose perplexity stays within
    ``ppl_limit`` × the recipient's; the judge is not consulted.
-3. ``arm_recontrol_*``: the DAPA arm parts under the chosen control.
+3. ``arm_recontrol_*``: the DAPA arm parts under the chosen control;
+4. ``timing``: seconds per generated token of donor, recipient, ConTrans, the ddmin
+   transplant and RE-Control on the same test requests, side by side in one run.
 """
 
 import logging
@@ -28,7 +30,7 @@ from typing import Any
 from contrans_tl.pipelines.configs import DapaConfig, ReControlRefusalConfig
 from contrans_tl.pipelines.dapa import DapaData, StepStore
 
-__all__ = ["refusal_value", "choose_refusal_control", "run"]
+__all__ = ["refusal_value", "choose_refusal_control", "time_arms", "run"]
 
 _log = logging.getLogger(__name__)
 
@@ -158,8 +160,77 @@ def _stored_value(
     return net, report
 
 
+def time_arms(
+    arms: Mapping[str, tuple[Any, Any]],
+    prompts: list[str],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    rounds: int = 2,
+) -> dict[str, dict[str, float]]:
+    """Seconds per generated token of each arm, measured side by side in one process.
+
+    Args:
+        arms: name → ``(model, intervention or None)``.
+        prompts: the same requests for every arm (chat-formatted).
+        rounds: passes over the arms, the order reversed every other round so that no arm
+            always runs first; an arm's figure is its fastest round.
+    """
+    import time
+
+    from contrans_tl.steering import generate
+
+    best: dict[str, dict[str, float]] = {}
+    names = list(arms)
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            model, intervention = arms[name]
+            start = time.perf_counter()
+            ids = generate(
+                model,
+                prompts,
+                max_new_tokens=max_new_tokens,
+                intervention=intervention,
+                batch_size=batch_size,
+                decode=False,
+            )
+            seconds = time.perf_counter() - start
+            tokens = sum(len(row) for row in ids)
+            row = {"seconds": seconds, "tokens": tokens, "seconds_per_token": seconds / tokens}
+            if name not in best or row["seconds_per_token"] < best[name]["seconds_per_token"]:
+                best[name] = row
+            _log.info("timing %s: %.4f s/token", name, row["seconds_per_token"])
+    return best
+
+
+def _timed_arms(
+    store: StepStore, donor: Any, recipient: Any, control: Any
+) -> dict[str, tuple[Any, Any]]:
+    """The arms to time: donor, recipient, ConTrans (kept vector), RE-Control, and the ddmin
+    transplant when those steps are stored."""
+    import json
+
+    import contrans_tl as ct
+    from contrans_tl.concepts import ConceptVector
+    from contrans_tl.dapa import ModuleTransplant
+
+    arms: dict[str, tuple[Any, Any]] = {"donor": (donor, None), "recipient": (recipient, None)}
+    choice, vector = store.path("contrans_choice"), store.folder / "contrans_vector"
+    if choice.is_file() and vector.with_suffix(".json").is_file():
+        alpha = json.loads(choice.read_text())["result"]["alpha"]
+        steering = ct.make_steering(recipient, ConceptVector.load(vector), alpha=alpha)
+        arms["contrans"] = (recipient, steering)
+    found = store.path("ddmin")
+    if found.is_file():
+        modules = json.loads(found.read_text())["result"]["minimal"]
+        arms["ddmin"] = (recipient, ModuleTransplant(recipient, donor, modules))
+    arms["recontrol"] = (recipient, control)
+    return arms
+
+
 def run(dapa: DapaConfig, config: ReControlRefusalConfig, out: Path, work: Path) -> dict[str, Any]:
     """All steps; results in the DAPA folder ``out``, rollouts and the value in ``work``."""
+    from contrans_tl.evals.refusal import chat_prompts
     from contrans_tl.pipelines.dapa import open_pair, stored_arm
     from contrans_tl.recontrol import ValueControl
 
@@ -181,4 +252,13 @@ def run(dapa: DapaConfig, config: ReControlRefusalConfig, out: Path, work: Path)
         name="recontrol",
     )
     arm = stored_arm(store, "recontrol", recipient, control, data, dapa, {**mine, "pick": pick})
-    return {"value": report, "choice": choice, "arm": arm}
+    timed = _timed_arms(store, donor, recipient, control)
+    prompts = chat_prompts(recipient, data.test[: config.n_timing])
+    timing = store.get_or_compute(
+        "timing",
+        {**mine, "pick": pick, "arms": list(timed), "n_timing": config.n_timing},
+        lambda: time_arms(
+            timed, prompts, max_new_tokens=dapa.max_new_tokens, batch_size=dapa.batch_size
+        ),
+    )
+    return {"value": report, "choice": choice, "arm": arm, "timing": timing}
