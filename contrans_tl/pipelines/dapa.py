@@ -1059,39 +1059,9 @@ def _ddmin_lines(folder: Path) -> list[str]:
     return lines
 
 
-def _search_lines(folder: Path, labels: str | Path | None) -> list[str]:
-    """Proxy check, ddmin trace, ConTrans α, judge agreement and memory space."""
-    from contrans_tl.evals.refusal import judge_agreement
-
+def _recontrol_lines(folder: Path) -> list[str]:
+    """RE-Control's value function and strength choice on this pair, and the timing step."""
     lines: list[str] = []
-    proxy = _load_result(folder, "proxy")
-    if proxy is not None:
-        cal = calibrate_cutoff(proxy)
-        rows = [
-            f"{k} {100 * v['dsr_generated']:.0f}% generated / {100 * v['dsr_proxy']:.0f}% proxy "
-            f"(agree on {100 * v['agreement']:.0f}%)"
-            for k, v in proxy.items()
-            if isinstance(v, dict)
-        ]
-        lines += [
-            "",
-            f"First-token proxy on the validation part (100 requests): {'; '.join(rows)}; "
-            f"pooled per-request agreement {100 * proxy['pooled_agreement']:.1f}% at log-odds "
-            f"cutoff 0; {100 * cal['agreement']:.1f}% at the cutoff chosen on these requests, "
-            f"{cal['cutoff']:g} (used by ddmin and the ConTrans α choice).",
-        ]
-    lines += _ddmin_lines(folder)
-    choice = _load_result(folder, "contrans_choice")
-    if choice is not None:
-        sweep = ", ".join(
-            f"α={s['alpha']:g}: {100 * s['proxy_dsr']:.0f}% / {100 * s['proxy_over_refusal']:.0f}%"
-            for s in choice["sweep"]
-        )
-        lines += [
-            "",
-            f"ConTrans α on validation (proxy DSR / proxy over-refusal): {sweep}; "
-            f"chosen α={choice['alpha']:g}.",
-        ]
     choice = _load_result(folder, "recontrol_choice")
     value = _load_result(folder, "recontrol_value")
     if value is not None:
@@ -1126,6 +1096,43 @@ def _search_lines(folder: Path, labels: str | Path | None) -> list[str]:
             "Time per generated token, the same test requests, side by side in one run "
             f"(fastest of two rounds): {cells}.",
         ]
+    return lines
+
+
+def _search_lines(folder: Path, labels: str | Path | None) -> list[str]:
+    """Proxy check, ddmin trace, ConTrans α, judge agreement and memory space."""
+    from contrans_tl.evals.refusal import judge_agreement
+
+    lines: list[str] = []
+    proxy = _load_result(folder, "proxy")
+    if proxy is not None:
+        cal = calibrate_cutoff(proxy)
+        rows = [
+            f"{k} {100 * v['dsr_generated']:.0f}% generated / {100 * v['dsr_proxy']:.0f}% proxy "
+            f"(agree on {100 * v['agreement']:.0f}%)"
+            for k, v in proxy.items()
+            if isinstance(v, dict)
+        ]
+        lines += [
+            "",
+            f"First-token proxy on the validation part (100 requests): {'; '.join(rows)}; "
+            f"pooled per-request agreement {100 * proxy['pooled_agreement']:.1f}% at log-odds "
+            f"cutoff 0; {100 * cal['agreement']:.1f}% at the cutoff chosen on these requests, "
+            f"{cal['cutoff']:g} (used by ddmin and the ConTrans α choice).",
+        ]
+    lines += _ddmin_lines(folder)
+    choice = _load_result(folder, "contrans_choice")
+    if choice is not None:
+        sweep = ", ".join(
+            f"α={s['alpha']:g}: {100 * s['proxy_dsr']:.0f}% / {100 * s['proxy_over_refusal']:.0f}%"
+            for s in choice["sweep"]
+        )
+        lines += [
+            "",
+            f"ConTrans α on validation (proxy DSR / proxy over-refusal): {sweep}; "
+            f"chosen α={choice['alpha']:g}.",
+        ]
+    lines += _recontrol_lines(folder)
     builds = folder / "recipient_builds.json"
     if builds.is_file():
         b = json.loads(builds.read_text())
