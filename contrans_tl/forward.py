@@ -510,17 +510,23 @@ class Forward:
         ``ids`` and ``mask`` are the whole sequences so far (prompt of ``prompt_length``
         columns, then the generated tokens). With ``use_cache`` the first step runs the
         prompt and keeps its KV cache, and each later step feeds only the last token;
-        without, every step reruns the whole sequence.
+        without, every step reruns the whole sequence. Only the last position is unembedded
+        (``logits_to_keep=1``): on a 262k-token vocabulary the prompt's other positions
+        would cost more than the rest of the model.
         """
         cache: Any = None
 
         def step(ids: Tensor, mask: Tensor) -> Tensor:
             nonlocal cache
             if not use_cache:
-                return self.run(ids, mask, prompt_length=prompt_length)[:, -1]
+                return self.run(ids, mask, prompt_length=prompt_length, logits_to_keep=1)[:, -1]
             if cache is None:
                 logits, cache = self.run(
-                    ids, mask, prompt_length=prompt_length, return_type="logits_and_cache"
+                    ids,
+                    mask,
+                    prompt_length=prompt_length,
+                    return_type="logits_and_cache",
+                    logits_to_keep=1,
                 )
             else:
                 logits, cache = self.run(

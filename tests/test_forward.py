@@ -334,3 +334,28 @@ def test_only_the_forward_loop_drives_steering_state():
                 )
                 bad += [f"{path.name} imports {n}" for n in names & forbidden]
     assert bad == []
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generation_unembeds_only_the_last_position(small_gemma, use_cache):
+    """Every decoding step unembeds one position per row, the prompt's prefill included,
+    and the tokens are those of full-logit greedy decoding."""
+    rows: list[int] = []
+    handle = small_gemma.unembed.register_forward_hook(
+        lambda mod, args, out: rows.append(out.shape[1])
+    )
+    prompts = ["the cat sat on", "a much longer prompt than the first one is"]
+    try:
+        got = contrans_tl.generate(
+            small_gemma, prompts, max_new_tokens=4, decode=False, use_cache=use_cache
+        )
+    finally:
+        handle.remove()
+    assert rows and set(rows) == {1}
+    tok = small_gemma.tokenizer
+    for p, ids in zip(prompts, got):  # one prompt at a time, full logits, argmax
+        seq = tok(p)["input_ids"]
+        for t in ids:
+            logits = small_gemma(torch.tensor([seq]))[0, -1]
+            assert int(logits.argmax()) == t
+            seq = seq + [t]
