@@ -33,6 +33,7 @@ from typing import Any, NoReturn
 
 from contrans_tl.cli_options import add_config_options, config_kwargs
 from contrans_tl.pipelines.configs import (
+    DAPA_STEPS,
     EVAL_TASKS,
     AnalysisConfig,
     EmotionConfig,
@@ -617,6 +618,43 @@ def _emotion(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     return 0
 
 
+def _dapa(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
+    from contrans_tl.pipelines.configs import DapaConfig
+
+    config = _config(DapaConfig, args)
+    _check_out(args.out)
+    _check_device(args)
+    _log_steps(args.quiet)
+    from contrans_tl.pipelines import dapa
+
+    dapa.run(config, Path(args.out), stop_after=args.until)
+    if args.until == "report":
+        print(f"results: {dapa.write_report(args.out)}")
+    return 0
+
+
+def _recontrol(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
+    from contrans_tl.pipelines.configs import ReControlConfig
+
+    config = _config(ReControlConfig, args)
+    _check_out(args.out)
+    if args.work is not None:
+        _check_out(args.work, name="--work")
+    _check_names(("--target", config.target), ("--source", config.source))
+    _check_device(args)
+    _log_steps(args.quiet)
+    from contrans_tl.io import write_text
+    from contrans_tl.models import cache_dir
+    from contrans_tl.pipelines import recontrol
+
+    work = args.work or cache_dir() / "recontrol" / f"{config.target}-seed{config.seed}"
+    recontrol.run(config, Path(args.out), Path(work))
+    lines = ["# RE-Control on ToxiGen (issue 16)", "", *recontrol.render_report(args.out), ""]
+    write_text(Path(args.out) / "recontrol.md", "\n".join(lines))
+    print(f"results: {Path(args.out) / 'recontrol.md'}")
+    return 0
+
+
 def _fetch(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     from contrans_tl.models import load_tokenizer
 
@@ -680,6 +718,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace, Sequence[str] | Non
     "evaluate": ("emotion, truthfulqa, toxigen or perplexity: base and steered", _evaluate),
     "emotion": ("the emotion transplant experiment (paper section 4.1)", _emotion),
     "analyze": ("figures and summary of one emotion transplant", _analyze),
+    "dapa": ("DAPA vs ConTrans on an aligned model and its harmful fine-tune", _dapa),
+    "recontrol": ("RE-Control on ToxiGen next to ConTrans and best-of-N", _recontrol),
     "report": ("show (and re-render) the results of earlier runs", _report),
     "fetch": ("prepare offline-zoo models (install, join, verify, cache)", _fetch),
 }
@@ -739,6 +779,28 @@ def _add_experiment_io(name: str, p: argparse.ArgumentParser) -> None:
         add_config_options(p, EmotionConfig)
     elif name == "analyze":
         add_config_options(p, AnalysisConfig)
+    elif name == "dapa":
+        from contrans_tl.pipelines.configs import DapaConfig
+
+        p.add_argument("--out", required=True, metavar="DIR", help="results folder (resumed)")
+        p.add_argument(
+            "--until",
+            default="report",
+            choices=DAPA_STEPS,
+            help="stop after this step ('recipient': only make and cache the fine-tune)",
+        )
+        add_config_options(p, DapaConfig)
+    elif name == "recontrol":
+        from contrans_tl.pipelines.configs import ReControlConfig
+
+        p.add_argument("--out", required=True, metavar="DIR", help="results folder (resumed)")
+        p.add_argument(
+            "--work",
+            default=None,
+            metavar="DIR",
+            help="rollouts and the value artifact (default: under ~/.cache/contrans_tl)",
+        )
+        add_config_options(p, ReControlConfig)
     elif name == "report":
         p.add_argument("paths", nargs="+", metavar="PATH", help="run folders or results .json")
         p.add_argument("--no-write", action="store_true", help="only print; write no .md")

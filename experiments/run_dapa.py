@@ -17,23 +17,10 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from contrans_tl.io import write_json
 from contrans_tl.pipelines import dapa as P
 from contrans_tl.pipelines.configs import MODULE_KINDS, DapaConfig
 
 OUT = Path(__file__).parent / "results" / "dapa"
-STEPS = (
-    "recipient",
-    "arms_base",
-    "proxy",
-    "arms_fixed",
-    "ddmin",
-    "arms",
-    "memory_space",
-    "ddmin_projections",
-    "arms_projections",
-    "report",
-)
 
 
 def main() -> None:
@@ -41,7 +28,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", type=Path, default=OUT)
-    parser.add_argument("--until", choices=STEPS, default="report")
+    parser.add_argument("--until", choices=P.STEPS, default="report")
     parser.add_argument("--report-only", action="store_true", help="only rewrite dapa.md")
     parser.add_argument(
         "--search-kinds",
@@ -55,27 +42,11 @@ def main() -> None:
     if args.search_kinds:
         config = dataclasses.replace(config, search_kinds=tuple(args.search_kinds))
     if args.report_only:
-        write_report(args.out)
+        P.write_report(args.out)
         return
-    stop = STEPS.index(args.until)
-    if STEPS[stop] != "report":
-        P.run(config, args.out, stop_after=STEPS[stop])
-        return
-    P.run(config, args.out)
-    write_report(args.out)
-
-
-def write_report(out: Path) -> None:
-    """dapa.md and memory_space.png from the stored steps (no model is loaded)."""
-    from contrans_tl.dapa import plot_memory_space
-    from contrans_tl.io import write_text
-
-    space = P.memory_space_of(out)
-    if space is not None:
-        plot_memory_space(space, out / "memory_space.png")
-        write_json(out / "memory_space.json", space.to_json())
-    lines = ["# DAPA against ConTrans (issue 15)", "", *P.render_report(out), ""]
-    write_text(out / "dapa.md", "\n".join(lines))
+    P.run(config, args.out, stop_after=args.until)
+    if args.until == "report":
+        P.write_report(args.out)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ CONFIGS = {
     "evaluate": [configs.SteerConfig, configs.EvaluateConfig],
     "emotion": [configs.EmotionConfig],
     "analyze": [configs.AnalysisConfig],
+    "dapa": [configs.DapaConfig],
+    "recontrol": [configs.ReControlConfig],
     "report": [],
     "fetch": [],
 }
@@ -39,6 +41,8 @@ IO = {
     "evaluate": {"task", "model", "out", "vector"},
     "emotion": {"source", "target", "out", "cache_dir", "no_cache"},
     "analyze": {"source", "target", "out"},
+    "dapa": {"out", "until"},
+    "recontrol": {"out", "work"},
     "report": {"paths", "no_write"},
     "fetch": {"names", "tokenizer_only"},
 }
@@ -213,6 +217,10 @@ def test_refine_fit_map_transplant_generate_evaluate(tmp_path, tiny_models, caps
         (["evaluate", "truthfulqa", "--model", "src", "--n-items", "0"], "n_items"),
         (["evaluate", "toxigen", "--model", "src", "--device", "cuda:7"], "--device"),
         (["report", "no/such/run"], "does not exist"),
+        (["dapa", "--out", "d", "--n-test", "500"], "n_test must be <= 192"),
+        (["dapa", "--out", "d", "--ddmin-tolerance", "1"], "ddmin_tolerance"),
+        (["recontrol", "--out", "r", "--steps", "0"], "steps"),
+        (["recontrol", "--out", "r", "--best-of-n", "0"], "best_of_n"),
     ],
 )
 def test_bad_input_is_one_line_before_loading(argv, shown, tmp_path, capsys, monkeypatch):

@@ -39,6 +39,7 @@ __all__ = [
     "SWEEP_METHODS",
     "AnalysisConfig",
     "DapaConfig",
+    "DAPA_STEPS",
     "MODULE_KINDS",
     "EmotionConfig",
     "LayerMatch",
@@ -830,6 +831,20 @@ class EvaluateConfig:
             }
         )
 
+
+DAPA_STEPS = (
+    "recipient",
+    "arms_base",
+    "proxy",
+    "arms_fixed",
+    "ddmin",
+    "arms",
+    "memory_space",
+    "ddmin_projections",
+    "arms_projections",
+    "report",
+)
+"""The DAPA experiment's steps in order (:func:`contrans_tl.pipelines.dapa.run`)."""
 
 MODULE_KINDS = ("q", "k", "v", "o", "attn", "gate", "up", "down", "mlp")
 """Module kinds of a decoder layer that DAPA can transplant (:mod:`contrans_tl.dapa`)."""

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from contrans_tl.io import write_json
-from contrans_tl.pipelines.configs import DapaConfig
+from contrans_tl.pipelines.configs import DAPA_STEPS, DapaConfig
 from contrans_tl.pipelines.steps import StepStore
 
 __all__ = [
@@ -54,6 +54,11 @@ __all__ = [
     "proxy_dsr",
     "run_ddmin",
     "run_memory_space",
+    "STEPS",
+    "open_pair",
+    "stored_arm",
+    "render_report",
+    "write_report",
 ]
 
 _log = logging.getLogger(__name__)
@@ -1168,3 +1173,23 @@ def _search_lines(folder: Path, labels: str | Path | None) -> list[str]:
             "Heatmap: `memory_space.png`.",
         ]
     return lines
+
+
+#: The steps of :func:`run`, in order: ``stop_after`` takes one of them.
+STEPS = DAPA_STEPS
+
+
+def write_report(out: str | Path) -> Path:
+    """``dapa.md``, ``memory_space.png`` and ``memory_space.json`` from the stored steps in
+    ``out`` (no model is loaded); returns the path of ``dapa.md``."""
+    from contrans_tl.dapa import plot_memory_space
+    from contrans_tl.io import write_text
+
+    out = Path(out)
+    space = memory_space_of(out)
+    if space is not None:
+        plot_memory_space(space, out / "memory_space.png")
+        write_json(out / "memory_space.json", space.to_json())
+    lines = ["# DAPA against ConTrans (issue 15)", "", *render_report(out), ""]
+    write_text(out / "dapa.md", "\n".join(lines))
+    return out / "dapa.md"
