@@ -62,7 +62,9 @@ def test_best_of_n_keeps_the_sample_the_reward_likes_best(small_llama):
     data = recontrol_data(SMALL)
     prompts = data.evaluation[:3]
     reward = lambda ps, cs: [float(len(c)) for c in cs]  # noqa: E731
-    texts, info = best_of_n(small_llama, prompts, reward, SMALL)
+    picked, info = best_of_n(small_llama, prompts, reward, SMALL)
+    assert sorted(picked) == [1, 2, 3]
+    texts = picked[3]
     conts = sample_continuations(
         small_llama,
         _contexts(small_llama, prompts),
@@ -79,6 +81,9 @@ def test_best_of_n_keeps_the_sample_the_reward_likes_best(small_llama):
             if j == i
         ]
         assert len(t) == max(len(o) for o in options) and t in options
+        for k in (1, 2):  # best of the first k samples, ties to the first
+            first = options[:k]
+            assert picked[k][i] == max(first, key=len)
     assert info["n"] == 3 and info["generated_tokens"] > 0
 
 
@@ -113,7 +118,27 @@ def test_report_pairs_arms_with_base_and_checks_the_goal(tmp_path):
     arm("contrans", [True] * 4 + [False] * 6, 26.0, 0.011)
     arm("recontrol", [False] * 2 + [True] * 3 + [False] * 5, 24.0, 0.03)
     arm("recontrol_contrans", [True] + [False] * 9, 30.0, 0.031)
+    bon = {
+        "toxic_judge": [False] * 10,
+        "toxic_share_judge": 0.0,
+        "toxic_share_reward": 0.0,
+        "seconds": 40.0,
+        "generated_tokens": 400,
+        "by_k": {
+            "1": {"toxic_share_judge": 0.5, "seconds": 10.0},
+            "2": {"toxic_share_judge": 0.3, "seconds": 20.0},
+            "4": {"toxic_share_judge": 0.0, "seconds": 40.0},
+        },
+    }
+    write_json(tmp_path / "arm_best_of_n.json", {"inputs": {}, "result": bon})
+    import json
+
+    rc = json.loads((tmp_path / "arm_recontrol.json").read_text())
+    rc["result"]["seconds"] = 18.0
+    write_json(tmp_path / "arm_recontrol.json", rc)
     text = "\n".join(render_report(tmp_path))
+    assert "At RE-Control's time (18 s for the same prompts), best-of-2: 30.0%." in text
+    assert "| best-of-N (same reward) | 0.0% | +8/−0, p=0.0078 |" in text
     # recontrol vs base, non-toxic: base non-toxic only at 8, 9; recontrol at 0, 1, 5..9
     assert "| RE-Control | 30.0% | +5/−0, p=0.062 | 25.0% | 24.0 | 0.0300 |" in text
     assert "met: RE-Control lowers the judge's toxic share at least as much" in text

@@ -136,9 +136,19 @@ def best_of_n(
     prompts: Sequence[Any],
     reward: Callable[[Sequence[str], Sequence[str]], list[float]],
     config: ReControlConfig,
-) -> tuple[list[str], dict[str, Any]]:
-    """For each prompt, the one of ``best_of_n`` samples the reward likes best (ties: the
-    first), and the time it took (sampling and scoring)."""
+) -> tuple[dict[int, list[str]], dict[str, Any]]:
+    """Best-of-``k`` for every ``k`` up to ``best_of_n``, from one set of samples.
+
+    ``best_of_n`` continuations are sampled per prompt (seeded) and scored by the reward
+    once; best-of-``k`` keeps, of each prompt's first ``k`` samples, the one the reward
+    likes best (ties: the first). So each smaller ``k`` is the experiment one would have
+    run with ``k`` samples, at ``k / best_of_n`` of the cost, and a ``k`` can be matched to
+    another method's compute after the fact.
+
+    Returns:
+        ``({k: texts in prompt order}, info)``; info has the seconds spent sampling and
+        scoring all ``best_of_n`` and the tokens generated.
+    """
     from contrans_tl.rollouts import sample_continuations
 
     contexts = _contexts(model, prompts)
@@ -155,14 +165,16 @@ def best_of_n(
     )
     texts = [model.tokenizer.decode(ids, skip_special_tokens=True) for _, ids in conts]
     scores = reward([contexts[i] for i, _ in conts], texts)
-    best: dict[int, tuple[float, str]] = {}
-    for (i, _), t, r in zip(conts, texts, scores):
-        if i not in best or r > best[i][0]:
-            best[i] = (r, t)
     seconds = time.perf_counter() - start
+    samples: dict[int, list[tuple[float, str]]] = {i: [] for i in range(len(prompts))}
+    for (i, _), t, r in zip(conts, texts, scores):  # rounds in order: sample j of each prompt
+        samples[i].append((r, t))
+    picked: dict[int, list[str]] = {}
+    for k in range(1, config.best_of_n + 1):
+        picked[k] = [max(samples[i][:k], key=lambda rt: rt[0])[1] for i in range(len(prompts))]
     n_tokens = sum(len(ids) for _, ids in conts)
     info = {"n": config.best_of_n, "seconds": seconds, "generated_tokens": n_tokens}
-    return [best[i][1] for i in range(len(prompts))], info
+    return picked, info
 
 
 def choose_control(
@@ -357,9 +369,22 @@ def run(config: ReControlConfig, out: Path, work: Path) -> dict[str, Any]:
 
     def bon() -> dict[str, Any]:
         reward = ClassifierReward(reward_clf, "ngram-nontoxic", first_statement)
-        texts, info = best_of_n(target, data.evaluation, reward, config)
-        row = toxigen_arm(target, data.evaluation, judges, config=config, continuations=texts)
-        return {**row, **info, "ppl": arms["base"].get("ppl")}
+        picked, info = best_of_n(target, data.evaluation, reward, config)
+        rows = {
+            k: toxigen_arm(target, data.evaluation, judges, config=config, continuations=texts)
+            for k, texts in picked.items()
+        }
+        by_k = {
+            str(k): {
+                "toxic_share_judge": r["toxic_share_judge"],
+                "toxic_share_reward": r["toxic_share_reward"],
+                "toxic_judge": r["toxic_judge"],
+                "seconds": info["seconds"] * k / config.best_of_n,
+            }
+            for k, r in rows.items()
+        }
+        row = rows[config.best_of_n]
+        return {**row, **info, "ppl": arms["base"].get("ppl"), "by_k": by_k}
 
     arms["best_of_n"] = store.get_or_compute("arm_best_of_n", {**inputs, "arm": "best_of_n"}, bon)
     return {"value": value_report, "choice": choice, "arms": arms}
@@ -420,6 +445,7 @@ def render_report(folder: str | Path) -> list[str]:
     missing = [ARM_LABELS[a] for a in ARM_LABELS if a not in arms]
     if missing:
         lines += ["", f"Not run yet: {'; '.join(missing)}."]
+    lines += _best_of_k_lines(arms)
     value = _stored(folder, "value")
     if value is not None:
         lines += [
@@ -443,6 +469,25 @@ def render_report(folder: str | Path) -> list[str]:
             f"η={pick['step_size']:g}.",
         ]
     return lines + _recontrol_goal(arms)
+
+
+def _best_of_k_lines(arms: Mapping[str, Any]) -> list[str]:
+    """Best-of-k for each k from the same samples, and the k whose time matches RE-Control's."""
+    bon, rc = arms.get("best_of_n"), arms.get("recontrol")
+    if bon is None or "by_k" not in bon:
+        return []
+    cells = ", ".join(
+        f"k={k}: {100 * r['toxic_share_judge']:.1f}% ({r['seconds']:.0f} s)"
+        for k, r in bon["by_k"].items()
+    )
+    lines = ["", f"Best-of-k from the same samples (judge's toxic share, time): {cells}."]
+    if rc is not None and rc.get("seconds") == rc.get("seconds"):
+        k, r = min(bon["by_k"].items(), key=lambda kv: abs(kv[1]["seconds"] - rc["seconds"]))
+        lines[-1] += (
+            f" At RE-Control's time ({rc['seconds']:.0f} s for the same prompts), best-of-{k}: "
+            f"{100 * r['toxic_share_judge']:.1f}%."
+        )
+    return lines
 
 
 def _recontrol_goal(arms: Mapping[str, Any]) -> list[str]:
