@@ -9,8 +9,8 @@ Qwen2.5-Coder-0.5B-Instruct) with a refusal reward (donor vs recipient likelihoo
 its arm is stored in experiments/results/dapa/ beside DAPA's and ConTrans's
 (``python experiments/run_dapa.py --report-only`` rewrites dapa.md with it).
 
-Results go to experiments/results/recontrol/ (JSON per step and recontrol.md); rollouts
-and the value artifact to ~/.cache/contrans_tl/recontrol/ (not committed).
+Results go to experiments/results/recontrol/ (JSON per step, the value artifact, and
+recontrol.md); rollouts to ~/.cache/contrans_tl/recontrol/ (not committed).
 """
 
 import argparse

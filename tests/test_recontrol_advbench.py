@@ -26,7 +26,7 @@ def _small_data():
 def test_refusal_value_rewards_the_donors_writing_and_saves_a_loadable_artifact(pair, tmp_path):  # noqa: F811
     recipient, donor = pair
     data = _small_data()
-    net, report = refusal_value(donor, recipient, data, TINY, tmp_path)
+    net, report = refusal_value(donor, recipient, data, TINY, tmp_path, tmp_path / "value")
     # 10 prompts: greedy + 1 sample by the recipient, greedy by the donor (empty ones dropped)
     assert 0 < report["n_rollouts"] <= 30
     # the donor writes what it likes better than the recipient does: reward > 0 on average;
@@ -36,14 +36,14 @@ def test_refusal_value_rewards_the_donors_writing_and_saves_a_loadable_artifact(
     assert meta["data"]["harmful_prompts"] == 6 and meta["data"]["harmless_prompts"] == 4
     x = torch.randn(5, 40)
     assert torch.allclose(loaded(x), net(x))
-    again, report2 = refusal_value(donor, recipient, data, TINY, tmp_path)  # rollouts reread
+    _, report2 = refusal_value(donor, recipient, data, TINY, tmp_path, tmp_path / "v2")  # reread
     assert report2["n_rollouts"] == report["n_rollouts"]
 
 
 def test_choice_picks_from_its_sweep_within_the_perplexity_limit(pair, tmp_path):  # noqa: F811
     recipient, donor = pair
     data = _small_data()
-    net, _ = refusal_value(donor, recipient, data, TINY, tmp_path)
+    net, _ = refusal_value(donor, recipient, data, TINY, tmp_path, tmp_path / "value")
     choice = choose_refusal_control(donor, recipient, net, data, TINY, SMALL)
     assert [(s["n_steps"], s["step_size"]) for s in choice["sweep"]] == [(10, 0.5), (10, 4.0)]
     ok = [s for s in choice["sweep"] if s["ppl"] <= TINY.ppl_limit * choice["base_ppl_validation"]]

@@ -265,7 +265,9 @@ def _value_step(
     inputs: Mapping[str, Any],
     folder: Path,
 ) -> tuple[Any, dict[str, Any]]:
-    """Steps 1–2: rollouts (chunked, in ``folder``) and the value function (saved there)."""
+    """Steps 1–2: rollouts (chunked, in ``folder``) and the value function, saved beside the
+    stored steps (``value.safetensors`` + ``value.json``, about 1 MB: committed with
+    the results, so a later run on another machine resumes without the rollouts)."""
     from contrans_tl.evals.ngram_toxicity import load_ngram_toxicity
     from contrans_tl.evals.toxigen import first_statement
     from contrans_tl.recontrol import (
@@ -277,7 +279,7 @@ def _value_step(
     from contrans_tl.rollouts import ClassifierReward, collect_rollouts
 
     reward = ClassifierReward(load_ngram_toxicity(config.seed), "ngram-nontoxic", first_statement)
-    path = folder / "value"
+    path = store.folder / "value"
 
     def train() -> dict[str, Any]:
         rollouts = collect_rollouts(

@@ -41,9 +41,10 @@ def refusal_value(
     data: DapaData,
     config: ReControlRefusalConfig,
     work: Path,
+    artifact: Path,
 ) -> tuple[Any, dict[str, Any]]:
-    """Rollouts (kept in ``work``) and the value function on the recipient's final state;
-    the artifact is saved as ``work / "value"``. Returns ``(net, report)``."""
+    """Rollouts (kept in ``work``) and the value function on the recipient's final state,
+    saved as ``artifact`` (``.safetensors`` + ``.json``). Returns ``(net, report)``."""
     from contrans_tl.evals.refusal import chat_prompts
     from contrans_tl.recontrol import FINAL_STATE, save_value_function, train_value_function
     from contrans_tl.rollouts import LikelihoodRatioReward, Rollouts, collect_rollouts
@@ -71,7 +72,7 @@ def refusal_value(
     n_harmful = len(data.search)
     harmful = rollouts.prompt_index < n_harmful
     save_value_function(
-        work / "value",
+        artifact,
         net,
         model=recipient,
         hook=FINAL_STATE,
@@ -147,16 +148,20 @@ def _stored_value(
     inputs: Mapping[str, Any],
     work: Path,
 ) -> tuple[Any, dict[str, Any]]:
-    """Step 1, with the artifact reloaded (and retrained if its file is gone)."""
+    """Step 1, with the artifact reloaded (and retrained if its file is gone). The artifact
+    (``recontrol_value``, about 1 MB) sits beside the stored steps, so it is committed
+    with them and a later run elsewhere resumes without the rollouts."""
     from contrans_tl.recontrol import load_value_function
 
+    artifact = store.folder / "recontrol_value"
+
     def train() -> dict[str, Any]:
-        return refusal_value(donor, recipient, data, config, work)[1]
+        return refusal_value(donor, recipient, data, config, work, artifact)[1]
 
     report = store.get_or_compute("recontrol_value", inputs, train)
-    if not (work / "value.json").is_file():
+    if not artifact.with_suffix(".json").is_file():
         report = train()
-    net, _ = load_value_function(work / "value", recipient)
+    net, _ = load_value_function(artifact, recipient)
     return net, report
 
 
