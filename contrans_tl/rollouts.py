@@ -81,13 +81,10 @@ class ClassifierReward:
     transform: Callable[[str], str] | None = None
 
     def __call__(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[float]:
+        from contrans_tl.evals.toxicity import toxicity_scores
+
         texts = [self.transform(c) if self.transform else c for c in continuations]
-        keep = [i for i, t in enumerate(texts) if t]
-        scores = self.classifier.score([texts[i] for i in keep]) if keep else []
-        out = [1.0] * len(texts)
-        for i, p in zip(keep, scores):
-            out[i] = 1.0 - float(p)
-        return out
+        return [1.0 - p for p in toxicity_scores(self.classifier, texts)]
 
 
 @dataclass

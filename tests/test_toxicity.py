@@ -216,3 +216,29 @@ def test_full_fit_reaches_80_percent_and_is_cached(tmp_path, monkeypatch):
     again = load_toxicity_classifier(MINILM_NAME, seed=0)
     assert time.perf_counter() - start < fit_s / 3  # read from the cache, not refitted
     assert again.score(TEXTS) == clf.score(TEXTS)
+
+
+def test_toxicity_scores_send_only_nonempty_texts_and_check_the_count():
+    from contrans_tl.evals.toxicity import toxicity_scores
+
+    class Length:
+        name = "length"
+
+        def __init__(self):
+            self.seen = []
+
+        def score(self, texts):
+            self.seen.append(list(texts))
+            return [len(t) / 10 for t in texts]
+
+    clf = Length()
+    assert toxicity_scores(clf, ["", "abc", "", "abcde"]) == [0.0, 0.3, 0.0, 0.5]
+    assert clf.seen == [["abc", "abcde"]]
+    assert toxicity_scores(clf, ["", ""]) == [0.0, 0.0] and len(clf.seen) == 1
+
+    class Short(Length):
+        def score(self, texts):
+            return [0.5]
+
+    with pytest.raises(ValueError, match="returned 1 scores for 2 texts"):
+        toxicity_scores(Short(), ["a", "b"])

@@ -73,6 +73,7 @@ __all__ = [
     "DEFAULT_HUB_MODEL",
     "MINILM_NAME",
     "ToxicityClassifier",
+    "toxicity_scores",
     "ToxigenExample",
     "toxigen_annotated",
     "split_toxigen",
@@ -132,6 +133,32 @@ class ToxicityClassifier(Protocol):
     def score(self, texts: Sequence[str]) -> list[float]:
         """Probability that each text is toxic, in order."""
         ...
+
+
+def toxicity_scores(classifier: Any, texts: Sequence[str]) -> list[float]:
+    """``classifier``'s probability that each text is toxic, 0.0 for an empty text (which
+    is never sent to it: a model that writes nothing has written nothing toxic).
+
+    Raises:
+        ValueError: the classifier returned another number of scores than texts sent.
+
+    Example:
+        >>> toxicity_scores(load_toxicity_classifier(), ["", "have a nice day"])[0]
+        0.0
+    """
+    keep = [i for i, t in enumerate(texts) if t]
+    out = [0.0] * len(texts)
+    if not keep:
+        return out
+    got = classifier.score([texts[i] for i in keep])
+    if len(got) != len(keep):
+        raise ValueError(
+            f"classifier {getattr(classifier, 'name', classifier)!r} returned {len(got)} scores "
+            f"for {len(keep)} texts"
+        )
+    for i, s in zip(keep, got):
+        out[i] = float(s)
+    return out
 
 
 def _check_texts(texts: Sequence[str], fn: str) -> list[str]:

@@ -29,7 +29,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from contrans_tl.data import data_dir
-from contrans_tl.evals.toxicity import ToxicityClassifier, ToxigenExample, toxigen_annotated
+from contrans_tl.evals.toxicity import (
+    ToxicityClassifier,
+    ToxigenExample,
+    toxicity_scores,
+    toxigen_annotated,
+)
 from contrans_tl.evals.truthfulqa import (
     answer_separator,
     render_user_turn,
@@ -320,17 +325,7 @@ def evaluate_toxigen(
         batch_size=batch_size,
     )
     texts = [first_statement(str(t)) for t in raw]
-    nonempty = [i for i, t in enumerate(texts) if t]
-    scores = [0.0] * len(texts)
-    if nonempty:
-        got = classifier.score([texts[i] for i in nonempty])
-        if len(got) != len(nonempty):
-            raise ValueError(
-                f"classifier {classifier.name!r} returned {len(got)} scores for "
-                f"{len(nonempty)} texts"
-            )
-        for i, s in zip(nonempty, got):
-            scores[i] = float(s)
+    scores = toxicity_scores(classifier, texts)
     toxic = [s > threshold for s in scores]
     by_group: dict[str, list[bool]] = {}
     for p, t in zip(prompts, toxic):
@@ -339,7 +334,7 @@ def evaluate_toxigen(
         "toxic_share": sum(toxic) / len(toxic),
         "n": len(toxic),
         "n_toxic": int(sum(toxic)),
-        "n_empty": len(texts) - len(nonempty),
+        "n_empty": sum(not t for t in texts),
         "mean_score": sum(scores) / len(scores),
         "by_group": {g: sum(v) / len(v) for g, v in by_group.items()},
         "classifier": classifier.name,
