@@ -248,7 +248,7 @@ def train_value_function(
             opt.zero_grad()
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         row = {"epoch": epoch, "train_td_loss": sum(losses) / len(losses)}
         row.update({f"held_out_{k}": v for k, v in _evaluate(net, held_out, batch_size).items()})
         history.append(row)

@@ -264,7 +264,7 @@ def _value_step(
     folder: Path,
 ) -> tuple[Any, dict[str, Any]]:
     """Steps 1–2: rollouts (chunked, in ``folder``) and the value function, saved beside the
-    stored steps (``value.safetensors`` + ``value.json``, about 1 MB: committed with
+    stored steps (``value_function.safetensors`` + ``.json``, about 1 MB: committed with
     the results, so a later run on another machine resumes without the rollouts)."""
     from contrans_tl.evals.ngram_toxicity import load_ngram_toxicity
     from contrans_tl.evals.toxigen import first_statement
@@ -277,7 +277,7 @@ def _value_step(
     from contrans_tl.rollouts import ClassifierReward, collect_rollouts
 
     reward = ClassifierReward(load_ngram_toxicity(config.seed), "ngram-nontoxic", first_statement)
-    path = store.folder / "value"
+    path = store.folder / "value_function"  # not "value": that is the step's own JSON
 
     def train() -> dict[str, Any]:
         rollouts = collect_rollouts(
