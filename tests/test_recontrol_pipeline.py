@@ -136,7 +136,19 @@ def test_report_pairs_arms_with_base_and_checks_the_goal(tmp_path):
     rc = json.loads((tmp_path / "arm_recontrol.json").read_text())
     rc["result"]["seconds"] = 18.0
     write_json(tmp_path / "arm_recontrol.json", rc)
+    stats = {"td_loss": 0.002, "reward_variance": 0.06, "corr_first_state": 0.2}
+    value = {
+        "n_train_rollouts": 80,
+        "n_held_out_rollouts": 20,
+        "best_epoch": 4,
+        "mean_reward": 0.5,
+        "held_out": {**stats, "corr_last_state": 0.4},
+        "train": {**stats, "corr_last_state": 0.7},
+    }
+    write_json(tmp_path / "value.json", {"inputs": {}, "result": value})
     text = "\n".join(render_report(tmp_path))
+    assert "TD loss 0.0020 (reward variance 0.0600)" in text
+    assert "0.20 at the first state and 0.40 at the last (training rollouts: 0.20 / 0.70)" in text
     assert "At RE-Control's time (18 s for the same prompts), best-of-2: 30.0%." in text
     assert "| best-of-N (same reward) | 0.0% | +8/−0, p=0.0078 |" in text
     # recontrol vs base, non-toxic: base non-toxic only at 8, 9; recontrol at 0, 1, 5..9

@@ -448,11 +448,16 @@ def render_report(folder: str | Path) -> list[str]:
     lines += _best_of_k_lines(arms)
     value = _stored(folder, "value")
     if value is not None:
+        held, tr = value["held_out"], value["train"]
         lines += [
             "",
-            "Value function (held-out rollouts): "
-            + ", ".join(f"{k} {v:.3g}" for k, v in value.items() if isinstance(v, float))
-            + ".",
+            f"Value function on {value['n_train_rollouts']} rollouts, early-stopped at epoch "
+            f"{value['best_epoch']}: on {value['n_held_out_rollouts']} held-out rollouts TD "
+            f"loss {held['td_loss']:.4f} (reward variance {held['reward_variance']:.4f}), "
+            f"correlation of the predicted value with the reward {held['corr_first_state']:.2f} "
+            f"at the first state and {held['corr_last_state']:.2f} at the last (training "
+            f"rollouts: {tr['corr_first_state']:.2f} / {tr['corr_last_state']:.2f}); mean "
+            f"reward {value['mean_reward']:.3f}.",
         ]
     choice = _stored(folder, "choice")
     if choice is not None:
