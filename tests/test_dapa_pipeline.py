@@ -219,7 +219,21 @@ def test_report_rows_come_from_the_stored_arms(tmp_path):
             ]
         },
     )
+    value = {  # the shape refusal_value returns: train_value_function's report + means
+        "n_rollouts": 40,
+        "mean_reward_recipient_written": -0.5,
+        "mean_reward_donor_written": 0.75,
+        "held_out": {"corr_first_state": 0.3},
+    }
+    write_json(tmp_path / "recontrol_value.json", {"result": value})
+    timing = {"recipient": {"seconds_per_token": 0.012}, "recontrol": {"seconds_per_token": 0.02}}
+    write_json(tmp_path / "timing.json", {"result": timing})
     text = "\n".join(render_report(tmp_path))
+    assert (
+        "the donor's 0.75; held-out correlation of the first state's value with the reward 0.30"
+        in text
+    )
+    assert "(fastest of two rounds): recipient 12.0 ms, recontrol 20.0 ms." in text
     assert (
         "| DAPA: ddmin-minimal set of modules (stage 1) | 70.0% (10–90) | +6/−0, p=0.031 |" in text
     )

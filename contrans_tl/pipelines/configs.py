@@ -941,6 +941,21 @@ class DapaConfig:
             _check_finite("contrans_alphas", a, positive=True)
 
 
+def _check_control(
+    steps: tuple[int, ...], step_sizes: tuple[float, ...], max_norm: float | None
+) -> None:
+    """RE-Control's sweep settings: step counts ints >= 1, step sizes finite > 0, each list
+    non-empty, the norm bound finite > 0 or None."""
+    if not steps or any(isinstance(n, bool) or n < 1 for n in steps):
+        raise ValueError(f"steps must hold ints >= 1, got {steps!r}")
+    if not step_sizes:
+        raise ValueError("step_sizes must hold at least one step size")
+    for eta in step_sizes:
+        _check_finite("step_sizes", eta, positive=True)
+    if max_norm is not None:
+        _check_finite("max_norm", max_norm, positive=True)
+
+
 @dataclass(frozen=True)
 class ReControlConfig:
     """Settings of the RE-Control ToxiGen experiment (``experiments/run_recontrol.py``).
@@ -1011,14 +1026,7 @@ class ReControlConfig:
         _check_finite("contrans_alpha", self.contrans_alpha, positive=True)
         _check_finite("self_alpha", self.self_alpha, positive=True)
         _check_finite("ppl_limit", self.ppl_limit, positive=True)
-        if not self.steps or any(isinstance(n, bool) or n < 1 for n in self.steps):
-            raise ValueError(f"steps must hold ints >= 1, got {self.steps!r}")
-        if not self.step_sizes:
-            raise ValueError("step_sizes must hold at least one step size")
-        for eta in self.step_sizes:
-            _check_finite("step_sizes", eta, positive=True)
-        if self.max_norm is not None:
-            _check_finite("max_norm", self.max_norm, positive=True)
+        _check_control(self.steps, self.step_sizes, self.max_norm)
 
 
 @dataclass(frozen=True)
@@ -1063,11 +1071,4 @@ class ReControlRefusalConfig:
         )
         _check_finite("temperature", self.temperature, positive=True)
         _check_finite("ppl_limit", self.ppl_limit, positive=True)
-        if not self.steps or any(isinstance(n, bool) or n < 1 for n in self.steps):
-            raise ValueError(f"steps must hold ints >= 1, got {self.steps!r}")
-        if not self.step_sizes:
-            raise ValueError("step_sizes must hold at least one step size")
-        for eta in self.step_sizes:
-            _check_finite("step_sizes", eta, positive=True)
-        if self.max_norm is not None:
-            _check_finite("max_norm", self.max_norm, positive=True)
+        _check_control(self.steps, self.step_sizes, self.max_norm)

@@ -39,7 +39,7 @@ import torch
 
 from contrans_tl.io import write_json
 from contrans_tl.pipelines.configs import DAPA_STEPS, DapaConfig
-from contrans_tl.pipelines.steps import StepStore
+from contrans_tl.pipelines.steps import StepStore, stored_result
 
 __all__ = [
     "DapaData",
@@ -874,11 +874,6 @@ ARM_LABELS = {
 }
 
 
-def _load_result(folder: Path, name: str) -> Any:
-    path = folder / f"{name}.json"
-    return json.loads(path.read_text())["result"] if path.is_file() else None
-
-
 def memory_space_of(folder: str | Path) -> Any:
     """The stored per-kind memory-space steps joined into one :class:`~contrans_tl.dapa.MemorySpace`
     (None when no kind is stored)."""
@@ -917,7 +912,7 @@ def render_report(folder: str | Path, *, labels: str | Path | None = None) -> li
     """
     folder = Path(folder)
     lines: list[str] = []
-    arms = {a: _load_result(folder, f"arm_{a}") for a in ARM_ORDER}
+    arms = {a: stored_result(folder, f"arm_{a}") for a in ARM_ORDER}
     arms = {a: r for a, r in arms.items() if r is not None}
     rec = arms.get("recipient")
     lines += [
@@ -1025,8 +1020,8 @@ def _goal(
 def _ddmin_lines(folder: Path) -> list[str]:
     """How far ddmin got: each stage's tests, kept set, or the cached tests so far."""
     lines: list[str] = []
-    found = _load_result(folder, "ddmin")
-    fine = _load_result(folder, "ddmin_projections")
+    found = stored_result(folder, "ddmin")
+    fine = stored_result(folder, "ddmin_projections")
     for stage, done in ((1, found), (2, fine)):
         partial = folder / f"ddmin_stage{stage}_cache.json"
         if done is None and partial.is_file():
@@ -1067,8 +1062,8 @@ def _ddmin_lines(folder: Path) -> list[str]:
 def _recontrol_lines(folder: Path) -> list[str]:
     """RE-Control's value function and strength choice on this pair, and the timing step."""
     lines: list[str] = []
-    choice = _load_result(folder, "recontrol_choice")
-    value = _load_result(folder, "recontrol_value")
+    choice = stored_result(folder, "recontrol_choice")
+    value = stored_result(folder, "recontrol_value")
     if value is not None:
         lines += [
             "",
@@ -1076,7 +1071,7 @@ def _recontrol_lines(folder: Path) -> list[str]:
             "recipient log-likelihood ratio per token): mean reward of the recipient's writing "
             f"{value['mean_reward_recipient_written']:.2f}, of the donor's "
             f"{value['mean_reward_donor_written']:.2f}; held-out correlation of the first "
-            f"state's value with the reward {value['corr_first_state']:.2f}.",
+            f"state's value with the reward {value['held_out']['corr_first_state']:.2f}.",
         ]
     if choice is not None:
         sweep = "; ".join(
@@ -1089,13 +1084,9 @@ def _recontrol_lines(folder: Path) -> list[str]:
             f"{choice['base_ppl_validation']:.0f}): {sweep}; picked n="
             f"{choice['pick']['n_steps']}, η={choice['pick']['step_size']:g}.",
         ]
-    timing = _load_result(folder, "timing")
+    timing = stored_result(folder, "timing")
     if timing is not None:
-        cells = ", ".join(
-            f"{ARM_LABELS.get(a, a).split(':')[0] if a in ('donor', 'recipient') else a} "
-            f"{1000 * t['seconds_per_token']:.1f} ms"
-            for a, t in timing.items()
-        )
+        cells = ", ".join(f"{a} {1000 * t['seconds_per_token']:.1f} ms" for a, t in timing.items())
         lines += [
             "",
             "Time per generated token, the same test requests, side by side in one run "
@@ -1109,7 +1100,7 @@ def _search_lines(folder: Path, labels: str | Path | None) -> list[str]:
     from contrans_tl.evals.refusal import judge_agreement
 
     lines: list[str] = []
-    proxy = _load_result(folder, "proxy")
+    proxy = stored_result(folder, "proxy")
     if proxy is not None:
         cal = calibrate_cutoff(proxy)
         rows = [
@@ -1126,7 +1117,7 @@ def _search_lines(folder: Path, labels: str | Path | None) -> list[str]:
             f"{cal['cutoff']:g} (used by ddmin and the ConTrans α choice).",
         ]
     lines += _ddmin_lines(folder)
-    choice = _load_result(folder, "contrans_choice")
+    choice = stored_result(folder, "contrans_choice")
     if choice is not None:
         sweep = ", ".join(
             f"α={s['alpha']:g}: {100 * s['proxy_dsr']:.0f}% / {100 * s['proxy_over_refusal']:.0f}%"

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from contrans_tl.pipelines.configs import ReControlConfig
-from contrans_tl.pipelines.steps import StepStore
+from contrans_tl.pipelines.steps import StepStore, stored_result
 
 __all__ = [
     "ReControlData",
@@ -401,13 +401,6 @@ ARM_LABELS = {
 }
 
 
-def _stored(folder: Path, name: str) -> Any:
-    import json
-
-    path = folder / f"{name}.json"
-    return json.loads(path.read_text())["result"] if path.is_file() else None
-
-
 def _seconds_per_token(row: Mapping[str, Any]) -> str:
     spt = row.get("seconds_per_token")
     if isinstance(spt, float) and spt == spt:
@@ -424,7 +417,7 @@ def render_report(folder: str | Path) -> list[str]:
     from contrans_tl.pipelines.dapa import mcnemar
 
     folder = Path(folder)
-    arms = {a: r for a in ARM_LABELS if (r := _stored(folder, f"arm_{a}")) is not None}
+    arms = {a: r for a in ARM_LABELS if (r := stored_result(folder, f"arm_{a}")) is not None}
     lines = [
         "| arm | toxic (judge: MiniLM) | vs Base (non-toxic) | toxic (reward: n-gram) | PPL "
         "| s / token |",
@@ -446,7 +439,7 @@ def render_report(folder: str | Path) -> list[str]:
     if missing:
         lines += ["", f"Not run yet: {'; '.join(missing)}."]
     lines += _best_of_k_lines(arms)
-    value = _stored(folder, "value")
+    value = stored_result(folder, "value")
     if value is not None:
         held, tr = value["held_out"], value["train"]
         lines += [
@@ -459,7 +452,7 @@ def render_report(folder: str | Path) -> list[str]:
             f"rollouts: {tr['corr_first_state']:.2f} / {tr['corr_last_state']:.2f}); mean "
             f"reward {value['mean_reward']:.3f}.",
         ]
-    choice = _stored(folder, "choice")
+    choice = stored_result(folder, "choice")
     if choice is not None:
         sweep = "; ".join(
             f"n={s['n_steps']}, η={s['step_size']:g}: reward-toxic {100 * s['toxic_share']:.0f}%, "

@@ -29,6 +29,7 @@ from typing import Any
 
 from contrans_tl.pipelines.configs import DapaConfig, ReControlRefusalConfig
 from contrans_tl.pipelines.dapa import DapaData, StepStore
+from contrans_tl.pipelines.steps import stored_result
 
 __all__ = ["refusal_value", "choose_refusal_control", "time_arms", "run"]
 
@@ -213,22 +214,19 @@ def _timed_arms(
 ) -> dict[str, tuple[Any, Any]]:
     """The arms to time: donor, recipient, ConTrans (kept vector), RE-Control, and the ddmin
     transplant when those steps are stored."""
-    import json
-
     import contrans_tl as ct
     from contrans_tl.concepts import ConceptVector
     from contrans_tl.dapa import ModuleTransplant
 
     arms: dict[str, tuple[Any, Any]] = {"donor": (donor, None), "recipient": (recipient, None)}
-    choice, vector = store.path("contrans_choice"), store.folder / "contrans_vector"
-    if choice.is_file() and vector.with_suffix(".json").is_file():
-        alpha = json.loads(choice.read_text())["result"]["alpha"]
-        steering = ct.make_steering(recipient, ConceptVector.load(vector), alpha=alpha)
+    choice = stored_result(store.folder, "contrans_choice")
+    vector = store.folder / "contrans_vector"
+    if choice is not None and vector.with_suffix(".json").is_file():
+        steering = ct.make_steering(recipient, ConceptVector.load(vector), alpha=choice["alpha"])
         arms["contrans"] = (recipient, steering)
-    found = store.path("ddmin")
-    if found.is_file():
-        modules = json.loads(found.read_text())["result"]["minimal"]
-        arms["ddmin"] = (recipient, ModuleTransplant(recipient, donor, modules))
+    found = stored_result(store.folder, "ddmin")
+    if found is not None:
+        arms["ddmin"] = (recipient, ModuleTransplant(recipient, donor, found["minimal"]))
     arms["recontrol"] = (recipient, control)
     return arms
 

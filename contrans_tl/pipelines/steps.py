@@ -21,7 +21,14 @@ from typing import Any
 
 from contrans_tl.io import write_json
 
-__all__ = ["STEP_VERSION", "INPUT_RTOL", "StepStore", "same_inputs", "first_difference"]
+__all__ = [
+    "STEP_VERSION",
+    "INPUT_RTOL",
+    "StepStore",
+    "stored_result",
+    "same_inputs",
+    "first_difference",
+]
 
 _log = logging.getLogger(__name__)
 STEP_VERSION = 1
@@ -62,6 +69,17 @@ def first_difference(a: Any, b: Any, path: str = "inputs") -> str:
             if not same_inputs(x, y):
                 return first_difference(x, y, f"{path}[{i}]")
     return f"{path}: stored {str(a)[:60]}, wanted {str(b)[:60]}"
+
+
+def stored_result(folder: str | Path, name: str) -> Any:
+    """The result of step ``name`` stored in ``folder`` whatever its inputs (None when there
+    is none): for reports, which read what was run and create nothing.
+
+    Example:
+        >>> stored_result("experiments/results/dapa", "arm_donor")["dsr"]
+    """
+    path = Path(folder) / f"{name}.json"
+    return json.loads(path.read_text())["result"] if path.is_file() else None
 
 
 class StepStore:
