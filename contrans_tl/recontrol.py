@@ -439,6 +439,7 @@ class ValueControl(CountedIntervention):
         self._edits: list[Tensor] = []  # edits of positions prompt_length-1, prompt_length, ...
         self._context: Any = None
         self.seconds = 0.0  # time spent in control steps (for time-per-token reports)
+        self._norms = [0.0, 0]  # sum and count of the edit norms at generated positions
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -451,6 +452,13 @@ class ValueControl(CountedIntervention):
             "value_network": self.value.spec(),
             **self.metadata,
         }
+
+    @property
+    def mean_edit_norm(self) -> float:
+        """Mean norm of the edits made at generated positions so far (NaN before any): how
+        far the control moved the states, to compare with their own norm."""
+        total, count = self._norms
+        return total / count if count else float("nan")
 
     def position_states(self) -> list[PositionState]:
         """``[self.state]``: set by :class:`contrans_tl.forward.Forward` before each pass."""
@@ -493,7 +501,10 @@ class ValueControl(CountedIntervention):
                 "Forward (as generate() does), which tells the hooks where tokens are"
             )
         if k == len(self._edits):
-            self._edits.append(self.edit(x[:, -1]))
+            d = self.edit(x[:, -1])
+            self._edits.append(d)
+            self._norms[0] += float(d.float().norm(dim=-1).sum())
+            self._norms[1] += int(d.shape[0])
         x[:, -1] += self._edits[k].to(x.dtype)
         return x
 

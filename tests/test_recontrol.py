@@ -338,3 +338,20 @@ def test_rollouts_written_by_another_model_are_read_by_the_model(
         want = read_states(small_llama, PROMPTS[:2], [(k, ids)], hook=FINAL_STATE)[0]
         got = data.states[data.offsets[k] : data.offsets[k + 1]].float()
         assert torch.allclose(got, want, atol=2e-3)  # states kept in float16
+
+
+def test_mean_edit_norm_counts_the_generated_positions_only(small_llama):
+    import math
+
+    from contrans_tl.evals.perplexity import perplexity
+
+    torch.manual_seed(4)
+    net = ValueNetwork(48, (16,))
+    control = ValueControl(small_llama, net, n_steps=40, step_size=5.0, max_norm=0.25)
+    assert math.isnan(control.mean_edit_norm)
+    perplexity(small_llama, PROMPTS, intervention=control)  # a scoring pass: not counted
+    assert math.isnan(control.mean_edit_norm)
+    generate(small_llama, PROMPTS, max_new_tokens=5, decode=False, intervention=control)
+    # a long walk under the bound: every edit ends on it
+    assert control.mean_edit_norm == pytest.approx(0.25, rel=1e-3)
+    assert control._norms[1] == len(PROMPTS) * 5  # one edit per generated token

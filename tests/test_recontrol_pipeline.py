@@ -158,3 +158,18 @@ def test_report_pairs_arms_with_base_and_checks_the_goal(tmp_path):
     assert "**not met**: at most 2× ConTrans's time per token" in text
     assert "met: RE-Control + ConTrans beats both alone: 10.0%" in text
     assert "Not run yet: Self-Align" in text
+
+
+def test_value_settings_leave_out_the_control_settings():
+    from dataclasses import replace
+
+    from contrans_tl.pipelines.configs import ReControlConfig, ReControlRefusalConfig
+
+    for config in (ReControlConfig(), ReControlRefusalConfig()):
+        key = config.value_settings()
+        assert "step_sizes" not in key and "seed" in key and "hidden" in key
+        # trying other control settings keeps the stored value function's key ...
+        assert replace(config, step_sizes=(1.0,), max_norm=3.0).value_settings() == key
+        # ... while anything the rollouts or the training read changes it
+        assert replace(config, hidden=(7,)).value_settings() != key
+        assert replace(config, max_new_tokens=5).value_settings() != key

@@ -21,7 +21,7 @@ them when they run), so ``contrans ... --help`` answers at once.
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -956,6 +956,32 @@ def _check_control(
         _check_finite("max_norm", max_norm, positive=True)
 
 
+#: The fields of :class:`ReControlConfig` that the rollouts and the value function read.
+_RECONTROL_VALUE_FIELDS = (
+    "target",
+    "tox_eval",
+    "tox_val",
+    "n_train",
+    "n_samples",
+    "temperature",
+    "max_new_tokens",
+    "hidden",
+    "epochs",
+    "batch_size",
+    "seed",
+)
+#: The fields of :class:`ReControlRefusalConfig` that the rollouts and the value read.
+_REFUSAL_VALUE_FIELDS = (
+    "n_samples",
+    "temperature",
+    "max_new_tokens",
+    "hidden",
+    "epochs",
+    "batch_size",
+    "seed",
+)
+
+
 @dataclass(frozen=True)
 class ReControlConfig:
     """Settings of the RE-Control ToxiGen experiment (``experiments/run_recontrol.py``).
@@ -984,7 +1010,11 @@ class ReControlConfig:
     epochs: int = field(default=40, metadata=_help("value training epochs (early-stopped)"))
     steps: tuple[int, ...] = field(default=(10,), metadata=_help("control steps tried"))
     step_sizes: tuple[float, ...] = field(
-        default=(0.5, 2.0, 8.0), metadata=_help("control step sizes tried on validation")
+        default=(8.0, 32.0, 128.0),
+        metadata=_help(
+            "control step sizes tried on validation (the value's gradient is small next "
+            "to the states' norm; the sweep records each setting's mean edit norm)"
+        ),
     )
     max_norm: float | None = field(default=None, metadata=_help("bound on each edit's norm"))
     contrans_alpha: float = field(
@@ -1006,6 +1036,11 @@ class ReControlConfig:
         ),
     )
     seed: int = field(default=0, metadata=_help("seeds prompts, sampling and training"))
+
+    def value_settings(self) -> dict[str, Any]:
+        """The settings the rollouts and the value function read: the key of their stored
+        step, so that trying other control settings keeps the trained value function."""
+        return {k: v for k, v in asdict(self).items() if k in _RECONTROL_VALUE_FIELDS}
 
     def __post_init__(self) -> None:
         check_minimums(
@@ -1049,7 +1084,7 @@ class ReControlRefusalConfig:
     epochs: int = field(default=40, metadata=_help("value training epochs (early-stopped)"))
     steps: tuple[int, ...] = field(default=(10,), metadata=_help("control steps tried"))
     step_sizes: tuple[float, ...] = field(
-        default=(0.5, 2.0, 8.0), metadata=_help("control step sizes tried on validation")
+        default=(8.0, 32.0, 128.0), metadata=_help("control step sizes tried on validation")
     )
     max_norm: float | None = field(default=None, metadata=_help("bound on each edit's norm"))
     n_choice: int = field(default=50, metadata=_help("validation requests for the choice"))
@@ -1057,6 +1092,11 @@ class ReControlRefusalConfig:
     ppl_limit: float = field(default=2.0, metadata=_help("control must keep ppl <= this x base"))
     batch_size: int = field(default=8, metadata=_help("sequences per forward pass"))
     seed: int = field(default=0, metadata=_help("seeds sampling and training"))
+
+    def value_settings(self) -> dict[str, Any]:
+        """The settings the rollouts and the value function read: the key of their stored
+        step, so that trying other control settings keeps the trained value function."""
+        return {k: v for k, v in asdict(self).items() if k in _REFUSAL_VALUE_FIELDS}
 
     def __post_init__(self) -> None:
         check_minimums(

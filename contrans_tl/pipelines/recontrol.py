@@ -205,14 +205,16 @@ def choose_control(
                     "step_size": eta,
                     "toxic_share": row["toxic_share_reward"],
                     "ppl": row["ppl"],
+                    "mean_edit_norm": control.mean_edit_norm,
                 }
             )
             _log.info(
-                "control n=%d eta=%g: reward-toxic %.3f, ppl %.1f",
+                "control n=%d eta=%g: reward-toxic %.3f, ppl %.1f, mean edit norm %.2f",
                 n,
                 eta,
                 row["toxic_share_reward"],
                 row["ppl"],
+                control.mean_edit_norm,
             )
     ok = [r for r in sweep if r["ppl"] <= config.ppl_limit * base_ppl]
     pick = min(ok, key=lambda r: r["toxic_share"]) if ok else min(sweep, key=lambda r: r["ppl"])
@@ -327,8 +329,10 @@ def run(config: ReControlConfig, out: Path, work: Path) -> dict[str, Any]:
     store = StepStore(out)
     data = recontrol_data(config)
     target = ct.load_model(config.target)
-    inputs = {"config": asdict(config), "target_sha256": target.contrans_provenance.file_sha256}
-    net, value_report = _value_step(store, target, data, config, inputs, work)
+    sha = target.contrans_provenance.file_sha256
+    inputs = {"config": asdict(config), "target_sha256": sha}
+    value_key = {"config": config.value_settings(), "target_sha256": sha}
+    net, value_report = _value_step(store, target, data, config, value_key, work)
     reward_clf, judge = load_ngram_toxicity(config.seed), load_toxicity_classifier()
     judges = {"judge": judge, "reward": reward_clf}
     base_val_ppl = store.get_or_compute(

@@ -132,7 +132,13 @@ def choose_refusal_control(
             r = reward(prompts, [str(t) for t in out])
             ppl = perplexity(recipient, texts, intervention=control, batch_size=dapa.batch_size)
             sweep.append(
-                {"n_steps": n, "step_size": eta, "mean_reward": sum(r) / len(r), "ppl": ppl["ppl"]}
+                {
+                    "n_steps": n,
+                    "step_size": eta,
+                    "mean_reward": sum(r) / len(r),
+                    "ppl": ppl["ppl"],
+                    "mean_edit_norm": control.mean_edit_norm,
+                }
             )
             _log.info("refusal control n=%d eta=%g: %s", n, eta, sweep[-1])
     ok = [s for s in sweep if s["ppl"] <= config.ppl_limit * base_ppl]
@@ -239,7 +245,8 @@ def run(dapa: DapaConfig, config: ReControlRefusalConfig, out: Path, work: Path)
 
     store, data, donor, recipient, inputs = open_pair(dapa, out)
     mine = {**inputs, "recontrol": asdict(config)}
-    net, report = _stored_value(store, donor, recipient, data, config, mine, work)
+    value_key = {**inputs, "recontrol": config.value_settings()}
+    net, report = _stored_value(store, donor, recipient, data, config, value_key, work)
     choice = store.get_or_compute(
         "recontrol_choice",
         mine,
