@@ -1010,7 +1010,7 @@ class ReControlConfig:
     epochs: int = field(default=40, metadata=_help("value training epochs (early-stopped)"))
     steps: tuple[int, ...] = field(default=(10,), metadata=_help("control steps tried"))
     step_sizes: tuple[float, ...] = field(
-        default=(8.0, 32.0, 128.0),
+        default=(32.0, 128.0, 512.0),
         metadata=_help(
             "control step sizes tried on validation (the value's gradient is small next "
             "to the states' norm; the sweep records each setting's mean edit norm)"
