@@ -173,3 +173,15 @@ def test_value_settings_leave_out_the_control_settings():
         # ... while anything the rollouts or the training read changes it
         assert replace(config, hidden=(7,)).value_settings() != key
         assert replace(config, max_new_tokens=5).value_settings() != key
+
+
+def test_uncontrolled_arms_do_not_read_the_control_settings():
+    from dataclasses import replace
+
+    from contrans_tl.pipelines.configs import ReControlConfig
+
+    config = ReControlConfig()
+    key = config.uncontrolled_settings()
+    assert replace(config, step_sizes=(3.0,), ppl_limit=9.0).uncontrolled_settings() == key
+    assert replace(config, contrans_alpha=0.5).uncontrolled_settings() != key
+    assert "step_sizes" not in key and "best_of_n" in key

@@ -970,6 +970,8 @@ _RECONTROL_VALUE_FIELDS = (
     "batch_size",
     "seed",
 )
+#: The fields of :class:`ReControlConfig` that only the controlled arms read.
+_RECONTROL_CONTROL_FIELDS = ("steps", "step_sizes", "max_norm", "ppl_limit")
 #: The fields of :class:`ReControlRefusalConfig` that the rollouts and the value read.
 _REFUSAL_VALUE_FIELDS = (
     "n_samples",
@@ -1010,7 +1012,7 @@ class ReControlConfig:
     epochs: int = field(default=40, metadata=_help("value training epochs (early-stopped)"))
     steps: tuple[int, ...] = field(default=(10,), metadata=_help("control steps tried"))
     step_sizes: tuple[float, ...] = field(
-        default=(32.0, 128.0, 512.0),
+        default=(32.0, 48.0, 64.0, 96.0, 128.0),
         metadata=_help(
             "control step sizes tried on validation (the value's gradient is small next "
             "to the states' norm; the sweep records each setting's mean edit norm)"
@@ -1041,6 +1043,11 @@ class ReControlConfig:
         """The settings the rollouts and the value function read: the key of their stored
         step, so that trying other control settings keeps the trained value function."""
         return {k: v for k, v in asdict(self).items() if k in _RECONTROL_VALUE_FIELDS}
+
+    def uncontrolled_settings(self) -> dict[str, Any]:
+        """The settings the arms without RE-Control read (Base, Self-Align, ConTrans,
+        best-of-N): their steps' key, so that trying other control settings keeps them."""
+        return {k: v for k, v in asdict(self).items() if k not in _RECONTROL_CONTROL_FIELDS}
 
     def __post_init__(self) -> None:
         check_minimums(

@@ -332,12 +332,13 @@ def run(config: ReControlConfig, out: Path, work: Path) -> dict[str, Any]:
     sha = target.contrans_provenance.file_sha256
     inputs = {"config": asdict(config), "target_sha256": sha}
     value_key = {"config": config.value_settings(), "target_sha256": sha}
+    uncontrolled = {"config": config.uncontrolled_settings(), "target_sha256": sha}
     net, value_report = _value_step(store, target, data, config, value_key, work)
     reward_clf, judge = load_ngram_toxicity(config.seed), load_toxicity_classifier()
     judges = {"judge": judge, "reward": reward_clf}
     base_val_ppl = store.get_or_compute(
         "base_ppl_validation",
-        inputs,
+        uncontrolled,
         lambda: perplexity(
             target, data.ppl[: max(10, len(data.ppl) // 4)], batch_size=config.batch_size
         )["ppl"],
@@ -367,9 +368,12 @@ def run(config: ReControlConfig, out: Path, work: Path) -> dict[str, Any]:
                 target, data.evaluation, judges, intervention=iv, ppl_texts=data.ppl, config=config
             )
 
-        arms[name] = store.get_or_compute(
-            f"arm_{name}", {**inputs, "arm": name, "pick": pick}, measure
+        key = (
+            {**inputs, "arm": name, "pick": pick}
+            if name.startswith("recontrol")
+            else {**uncontrolled, "arm": name}
         )
+        arms[name] = store.get_or_compute(f"arm_{name}", key, measure)
 
     def bon() -> dict[str, Any]:
         reward = ClassifierReward(reward_clf, "ngram-nontoxic", first_statement)
@@ -390,7 +394,9 @@ def run(config: ReControlConfig, out: Path, work: Path) -> dict[str, Any]:
         row = rows[config.best_of_n]
         return {**row, **info, "ppl": arms["base"].get("ppl"), "by_k": by_k}
 
-    arms["best_of_n"] = store.get_or_compute("arm_best_of_n", {**inputs, "arm": "best_of_n"}, bon)
+    arms["best_of_n"] = store.get_or_compute(
+        "arm_best_of_n", {**uncontrolled, "arm": "best_of_n"}, bon
+    )
     return {"value": value_report, "choice": choice, "arms": arms}
 
 
