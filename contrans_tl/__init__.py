@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from contrans_tl.models import load_model, load_tokenizer
     from contrans_tl.provenance import ModelProvenance, model_provenance
     from contrans_tl.sites import match_layers_by_depth, resid_post_name
+    from contrans_tl.state_maps import StateMap, fit_state_map, transplant_states
     from contrans_tl.steering import Steering, generate, make_steering, steer, steering_hooks
 
 # Names are imported on first use (PEP 562), so `import contrans_tl` and the CLI's --help
@@ -33,9 +34,11 @@ _LAZY = {
     "ModelProvenance": "contrans_tl.provenance",
     "ResidReads": "contrans_tl.activations",
     "ResidualMap": "contrans_tl.maps",
+    "StateMap": "contrans_tl.state_maps",
     "Steering": "contrans_tl.steering",
     "emotion_scenarios": "contrans_tl.data",
     "fit_residual_map": "contrans_tl.maps",
+    "fit_state_map": "contrans_tl.state_maps",
     "generate": "contrans_tl.steering",
     "load_model": "contrans_tl.models",
     "load_tokenizer": "contrans_tl.models",
@@ -47,6 +50,7 @@ _LAZY = {
     "resid_post_name": "contrans_tl.sites",
     "steer": "contrans_tl.steering",
     "steering_hooks": "contrans_tl.steering",
+    "transplant_states": "contrans_tl.state_maps",
     "wikisplit_sentences": "contrans_tl.data",
 }
 
@@ -56,9 +60,11 @@ __all__ = [
     "ModelProvenance",
     "ResidReads",
     "ResidualMap",
+    "StateMap",
     "Steering",
     "emotion_scenarios",
     "fit_residual_map",
+    "fit_state_map",
     "generate",
     "load_model",
     "load_tokenizer",
@@ -70,6 +76,7 @@ __all__ = [
     "resid_post_name",
     "steer",
     "steering_hooks",
+    "transplant_states",
     "wikisplit_sentences",
 ]
 

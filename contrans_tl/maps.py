@@ -6,11 +6,22 @@ not grow with the number of pairs), and :meth:`LinearMapFitter.solve` freezes th
 a weight and bias. :func:`fit_residual_map` runs both models over the same plain text,
 pairs their states, fits one map per layer pair and measures each on held-out text.
 
-Methods:
+Methods (``X̃, Ỹ``: the centred states; every method is solved from the streamed
+moments, so a fit over batches equals one over all pairs at once):
     ``"svd"``: the paper's solution ``F = V Σ⁻¹ Uᵀ Y`` for ``h_src F ≈ h_tgt``, no bias
         (the minimum-norm least-squares solution, computed from the Gram matrix).
     ``"ridge"``: centred affine least squares with a ridge penalty,
         ``F = (X̃ᵀX̃ + λI)⁻¹ X̃ᵀỸ``, ``b = ȳ - x̄F``, ``λ = ridge · tr(X̃ᵀX̃) / d_src``.
+    ``"procrustes"``: scaled orthogonal Procrustes after centring, ``F = s Q`` with
+        ``Q = U Vᵀ`` from ``X̃ᵀỸ = U S Vᵀ`` (orthonormal rows or columns, whichever side is
+        narrower) and ``s = tr S / tr X̃ᵀX̃``: a rotation and one scale, nothing else.
+    ``"whitened_procrustes"``: the same between whitened spaces,
+        ``F = s C_x^{-1/2} Q C_y^{1/2}`` with ``Q`` from ``C_x^{-1/2} C_xy C_y^{-1/2}``
+        (covariances regularised by ``ridge``); unchanged by an invertible linear
+        change of the source coordinates.
+    ``"reduced_rank"``: the ridge solution projected onto the ``rank`` leading directions
+        of its fitted values, ``F_r = F V_r V_rᵀ`` with ``V_r`` the top eigenvectors of
+        ``Fᵀ X̃ᵀX̃ F`` (reduced-rank regression).
 
 A concept vector is a difference of states, so only ``F`` acts on it: ``v̂ = v F``.
 
@@ -53,6 +64,7 @@ __all__ = [
     "Pairing",
     "PAIRINGS",
     "MapMethod",
+    "NEEDS_TARGET_MOMENT",
     "LinearMapFitter",
     "MapScorer",
     "ResidualMap",
@@ -65,10 +77,12 @@ __all__ = [
 ]
 
 Pairing = Literal["auto", "last", "all", "word_ends"]
-MapMethod = Literal["svd", "ridge"]
+MapMethod = Literal["svd", "ridge", "procrustes", "whitened_procrustes", "reduced_rank"]
 PAIRINGS = ("auto", "last", "all", "word_ends")
 _PAIRINGS = PAIRINGS
-_METHODS = ("svd", "ridge")
+_METHODS = ("svd", "ridge", "procrustes", "whitened_procrustes", "reduced_rank")
+#: Methods that read the target states' second moment ``YᵀY`` (accumulated only for them).
+NEEDS_TARGET_MOMENT = ("whitened_procrustes",)
 
 
 class LinearMapFitter:
@@ -81,7 +95,9 @@ class LinearMapFitter:
         >>> weight, bias = fitter.solve("svd")
     """
 
-    def __init__(self, d_src: int, d_tgt: int) -> None:
+    def __init__(self, d_src: int, d_tgt: int, *, target_moment: bool = False) -> None:
+        """``target_moment``: also accumulate ``YᵀY`` (``d_tgt²`` floats; only
+        ``"whitened_procrustes"`` reads it)."""
         if d_src < 1 or d_tgt < 1:
             raise ValueError(f"widths must be positive, got {d_src} and {d_tgt}")
         self.d_src, self.d_tgt = d_src, d_tgt
@@ -90,6 +106,7 @@ class LinearMapFitter:
         self.sum_y = torch.zeros(d_tgt, dtype=torch.float64)
         self.xtx = torch.zeros(d_src, d_src, dtype=torch.float64)
         self.xty = torch.zeros(d_src, d_tgt, dtype=torch.float64)
+        self.yty = torch.zeros(d_tgt, d_tgt, dtype=torch.float64) if target_moment else None
         self.sum_y_norm = 0.0
 
     @classmethod
@@ -167,6 +184,8 @@ class LinearMapFitter:
         self.sum_y += y64.sum(0)
         self.xtx += x64.T @ x64
         self.xty += x64.T @ y64
+        if self.yty is not None:
+            self.yty += y64.T @ y64
         self.sum_y_norm += float(y64.norm(dim=-1).sum())
 
     @property
@@ -175,39 +194,106 @@ class LinearMapFitter:
         return self.sum_y_norm / max(self.n, 1)
 
     def solve(
-        self, method: MapMethod = "svd", *, ridge: float = 1e-3, rcond: float = 1e-12
+        self,
+        method: MapMethod = "svd",
+        *,
+        ridge: float = 1e-3,
+        rcond: float = 1e-12,
+        rank: int | None = None,
     ) -> tuple[Float[Tensor, "d_src d_tgt"], Float[Tensor, " d_tgt"]]:
         """Freeze the statistics into ``(weight, bias)`` with ``y ≈ x @ weight + bias``.
 
         Args:
-            method: ``"svd"`` (paper, no bias) or ``"ridge"`` (centred, with bias).
-            ridge: penalty for ``"ridge"``, relative to the mean eigenvalue of X̃ᵀX̃.
+            method: one of the module's methods (``"svd"``: the paper, no bias; the others
+                are centred, with a bias).
+            ridge: penalty for ``"ridge"`` and ``"reduced_rank"`` (relative to the mean
+                eigenvalue of X̃ᵀX̃), and the regulariser of the covariances that
+                ``"whitened_procrustes"`` inverts.
             rcond: for ``"svd"``, eigenvalues of XᵀX below ``rcond · max`` are dropped
                 (singular values below ``sqrt(rcond) · max``), as a pseudo-inverse does.
+            rank: for ``"reduced_rank"``, the rank of the map (1 .. min(d_src, d_tgt)).
 
         Returns:
             float32 ``weight [d_src, d_tgt]`` and ``bias [d_tgt]`` (zero for ``"svd"``).
+
+        Raises:
+            ValueError: no pairs yet, an unknown method, a bad ``ridge`` or ``rank``, or
+                ``"whitened_procrustes"`` on a fitter made without ``target_moment``.
         """
         if self.n == 0:
             raise ValueError("no pairs were added; call update() before solve()")
+        if method not in _METHODS:
+            raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
         if method == "svd":
             evals, evecs = torch.linalg.eigh(self.xtx)
             keep = evals > rcond * evals.max().clamp_min(1e-300)
             v = evecs[:, keep]
             weight = v @ ((v.T @ self.xty) / evals[keep, None])
-            bias = torch.zeros(self.d_tgt, dtype=torch.float64)
-        elif method == "ridge":
-            _check_ridge(ridge)
-            mx, my = self.sum_x / self.n, self.sum_y / self.n
-            cxx = self.xtx - self.n * torch.outer(mx, mx)
-            cxy = self.xty - self.n * torch.outer(mx, my)
-            lam = ridge * float(torch.trace(cxx)) / self.d_src
-            eye = torch.eye(self.d_src, dtype=torch.float64)
-            weight = torch.linalg.lstsq(cxx + lam * eye, cxy).solution
-            bias = my - mx @ weight
+            return weight.float(), torch.zeros(self.d_tgt)
+        _check_ridge(ridge)
+        mx, my = self.sum_x / self.n, self.sum_y / self.n
+        cxx = self.xtx - self.n * torch.outer(mx, mx)
+        cxy = self.xty - self.n * torch.outer(mx, my)
+        if method == "ridge":
+            weight = _ridge_solution(cxx, cxy, ridge)
+        elif method == "reduced_rank":
+            weight = _reduced_rank(cxx, cxy, ridge, _check_rank(rank, self.d_src, self.d_tgt))
+        elif method == "procrustes":
+            u, sv, vh = torch.linalg.svd(cxy, full_matrices=False)
+            weight = (sv.sum() / torch.trace(cxx).clamp_min(1e-300)) * (u @ vh)
         else:
-            raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
-        return weight.float(), bias.float()
+            if self.yty is None:
+                raise ValueError(
+                    "whitened_procrustes needs the target moment YᵀY: make the fitter with "
+                    "LinearMapFitter(d_src, d_tgt, target_moment=True)"
+                )
+            cyy = self.yty - self.n * torch.outer(my, my)
+            weight = _whitened_procrustes(cxx, cxy, cyy, ridge)
+        return weight.float(), (my - mx @ weight).float()
+
+
+def _ridge_solution(cxx: Tensor, cxy: Tensor, ridge: float) -> Tensor:
+    """``(C_xx + λI)⁻¹ C_xy`` with ``λ = ridge · tr C_xx / d_src``."""
+    lam = ridge * float(torch.trace(cxx)) / cxx.shape[0]
+    eye = torch.eye(cxx.shape[0], dtype=cxx.dtype)
+    return torch.linalg.lstsq(cxx + lam * eye, cxy).solution
+
+
+def _reduced_rank(cxx: Tensor, cxy: Tensor, ridge: float, rank: int) -> Tensor:
+    """The ridge solution restricted to the top-``rank`` directions of its fitted values."""
+    full = _ridge_solution(cxx, cxy, ridge)
+    _, evecs = torch.linalg.eigh(full.T @ cxx @ full)  # ascending eigenvalues
+    top = evecs[:, -rank:]
+    return full @ top @ top.T
+
+
+def _inverse_sqrt_and_sqrt(c: Tensor, ridge: float) -> tuple[Tensor, Tensor]:
+    """``(C + λI)^{-1/2}`` and ``(C + λI)^{1/2}``, ``λ = ridge · tr C / d`` (at least a
+    tiny floor, so that a rank-deficient covariance stays invertible)."""
+    lam = max(ridge * float(torch.trace(c)) / c.shape[0], 1e-12 * float(torch.trace(c)) + 1e-300)
+    evals, evecs = torch.linalg.eigh(c)
+    evals = evals.clamp_min(0) + lam
+    return (evecs / evals.sqrt()) @ evecs.T, (evecs * evals.sqrt()) @ evecs.T
+
+
+def _whitened_procrustes(cxx: Tensor, cxy: Tensor, cyy: Tensor, ridge: float) -> Tensor:
+    """``s C_x^{-1/2} Q C_y^{1/2}``: Procrustes between the whitened spaces."""
+    wx, _ = _inverse_sqrt_and_sqrt(cxx, ridge)
+    wy, sy = _inverse_sqrt_and_sqrt(cyy, ridge)
+    u, sv, vh = torch.linalg.svd(wx @ cxy @ wy, full_matrices=False)
+    # the scale is Σσ over the whitened source's total variance (≈ d_src: its Gram ≈ I)
+    spread = float(torch.trace(wx @ cxx @ wx))
+    return (sv.sum() / max(spread, 1e-300)) * (wx @ (u @ vh) @ sy)
+
+
+def _check_rank(rank: object, d_src: int, d_tgt: int) -> int:
+    limit = min(d_src, d_tgt)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= limit:
+        raise ValueError(
+            f"reduced_rank needs rank, an int in 1..{limit} (min of the widths "
+            f"{d_src} and {d_tgt}), e.g. rank=32; got {rank!r}"
+        )
+    return rank
 
 
 def _check_ridge(ridge: object) -> None:
@@ -578,6 +664,7 @@ def fit_residual_map(
     pairing: Pairing = "auto",
     method: MapMethod = "svd",
     ridge: float = 1e-3,
+    rank: int | None = None,
     heldout_fraction: float = 0.1,
     seed: int = 0,
     batch_size: int = 16,
@@ -600,8 +687,10 @@ def fit_residual_map(
         pairing: ``"last"`` (one pair per text, the paper's choice), ``"all"`` (every token;
             same tokenizer only), ``"word_ends"`` (every word's last token), or ``"auto"``
             (``"all"`` if the vocabularies match, else ``"word_ends"``).
-        method: ``"svd"`` (paper) or ``"ridge"`` (centred, regularised).
-        ridge: ridge strength for ``"ridge"`` (relative to the mean eigenvalue).
+        method: ``"svd"`` (paper), ``"ridge"``, ``"procrustes"``,
+            ``"whitened_procrustes"`` or ``"reduced_rank"`` (see the module docstring).
+        ridge: ridge strength (relative to the mean eigenvalue) for the centred methods.
+        rank: the map's rank, for ``"reduced_rank"`` only.
         heldout_fraction: share of texts kept out of the fit for the metrics (0 skips them).
         seed: seeds the held-out split.
         batch_size: texts per forward pass.
@@ -613,6 +702,8 @@ def fit_residual_map(
     """
     check_texts(texts)
     _check_fit_settings(heldout_fraction, method, ridge, batch_size, max_length)
+    if method == "reduced_rank":
+        _check_rank(rank, source.cfg.d_model, target.cfg.d_model)
     kind = resolve_pairing(source, target, pairing)
     if layer_pairs is None:
         layer_pairs = match_layers_by_depth(source.cfg.n_layers, target.cfg.n_layers)
@@ -629,10 +720,11 @@ def fit_residual_map(
         batch_size=batch_size,
         max_length=max_length,
         progress=progress,
+        target_moment=method in NEEDS_TARGET_MOMENT,
     )
     weights, biases = {}, {}
     for _, t in pairs:
-        weights[t], biases[t] = fitters[t].solve(method, ridge=ridge)
+        weights[t], biases[t] = fitters[t].solve(method, ridge=ridge, rank=rank)
     result = ResidualMap(
         layer_pairs=pairs,
         weights=weights,
@@ -646,7 +738,8 @@ def fit_residual_map(
             "n_texts_train": len(train),
             "n_texts_heldout": len(held),
             "n_pairs_train": fitters[pairs[0][1]].n,
-            "ridge": ridge if method == "ridge" else None,
+            "ridge": None if method in ("svd", "procrustes") else ridge,
+            "rank": rank if method == "reduced_rank" else None,
             "max_length": max_length,
             "seed": seed,
         },
@@ -670,7 +763,7 @@ def _check_fit_settings(
         raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
-    if method == "ridge":
+    if method != "svd":
         _check_ridge(ridge)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -687,10 +780,11 @@ def _accumulate_fitters(
     batch_size: int,
     max_length: int | None,
     progress: bool | None,
+    target_moment: bool = False,
 ) -> dict[int, LinearMapFitter]:
     """One :class:`LinearMapFitter` per target layer, fed the paired states of ``texts``."""
     d_s, d_t = source.cfg.d_model, target.cfg.d_model
-    fitters = {t: LinearMapFitter(d_s, d_t) for _, t in pairs}
+    fitters = {t: LinearMapFitter(d_s, d_t, target_moment=target_moment) for _, t in pairs}
     for xs, ys in iter_paired_states(
         source,
         target,
