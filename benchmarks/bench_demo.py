@@ -59,6 +59,7 @@ DEMO = [
     "--n-validation-negatives",
     "10",
     "--no-random",
+    "--no-specificity",
 ]
 SKIP = {"seconds", "step_seconds", "machine", "command", "config", "cache", "cached"}
 TARGETS = {"first": 180.0, "repeat": 30.0}

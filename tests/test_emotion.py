@@ -200,3 +200,27 @@ def test_cli_end_to_end_on_tiny_models(tmp_path, byte_tokenizer, meta_tokenizer)
     assert set(res["maps"]) == {"last", "word_ends"}
     md = (out / "results.md").read_text()
     assert "| contrans_word_ends |" in md and "Command: `python -m contrans_tl emotion" in md
+
+
+def test_specificity_on_planted_confusion_matrices():
+    from contrans_tl.evals.emotion import specificity
+
+    k = len(EMOTIONS)
+    # each vector moves only its own answer: specificity = Token Acc
+    own = [[0.8 if i == j else 0.0 for j in range(k)] for i in range(k)]
+    got = specificity(own)
+    assert got["mean"] == pytest.approx(0.8) and got["on_target"] == pytest.approx(0.8)
+    # a generic push: every vector makes the model answer " fear" (column 3)
+    fear = EMOTIONS.index("fear")
+    push = [[1.0 if j == fear else 0.0 for j in range(k)] for i in range(k)]
+    got = specificity(push)
+    assert got["per_emotion"]["fear"] == pytest.approx(0.0)  # Token Acc 1.0, but not specific
+    assert got["on_target"] == pytest.approx(1 / k)
+    # a planted mix, checked against the formula by hand for one column
+    mix = [[0.1 * ((i + 2 * j) % 5) for j in range(k)] for i in range(k)]
+    col = EMOTIONS.index("anger")
+    others = [mix[i][col] for i in range(k) if i != col]
+    want = mix[col][col] - sum(others) / (k - 1)
+    assert specificity(mix)["per_emotion"]["anger"] == pytest.approx(want)
+    with pytest.raises(ValueError, match="6x6"):
+        specificity([[1.0] * k] * (k - 1))

@@ -335,3 +335,29 @@ def test_cli_cache_options_are_checked_before_loading(extra, match, tmp_path, ca
     err = capsys.readouterr().err
     assert code == 2 and re.search(match, err) and len(err.strip().splitlines()) == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["FILE"]
+
+
+def test_answer_matrix_diagonal_is_token_acc_and_off_diagonal_is_measured(
+    small_llama, small_gemma, tmp_path
+):
+    result = run_emotion(small_llama, small_gemma, EmotionConfig(**SMALL), tmp_path, cache=False)
+    assert set(result["confusion"]) == set(result["summary"]) - {"base"}
+    for m, c in result["confusion"].items():
+        alpha = result["selected_alpha"][m]
+        assert c["alpha"] == alpha and len(c["matrix"]) == len(EMOTIONS)
+        for j, e in enumerate(EMOTIONS):
+            (row,) = [
+                r
+                for r in result["rows"]
+                if (r["split"], r["method"], r["emotion"], r["alpha"]) == ("evaluation", m, e, alpha)
+            ]
+            assert c["matrix"][j][j] == pytest.approx(row["token_acc"])  # the diagonal
+            others = [c["matrix"][i][j] for i in range(len(EMOTIONS)) if i != j]
+            want = row["token_acc"] - sum(others) / len(others)
+            assert c["per_emotion"][e] == pytest.approx(want)
+        assert result["summary"][m]["specificity"] == pytest.approx(c["mean"])
+    assert "## Answers under each emotion's vector" in (tmp_path / "results.md").read_text()
+    off = EmotionConfig(**SMALL, include_specificity=False)
+    assert run_emotion(small_llama, small_gemma, off, tmp_path / "off", cache=False)[
+        "confusion"
+    ] == {}

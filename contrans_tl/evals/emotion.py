@@ -47,6 +47,8 @@ __all__ = [
     "EmotionTask",
     "Predictions",
     "score",
+    "answer_share",
+    "specificity",
     "prefill_cache",
 ]
 
@@ -171,6 +173,46 @@ def score(pred: Predictions, emotion: str, emotion_ids: Sequence[int]) -> dict[s
     tok = float((pred.top_token == emotion_ids[j]).float().mean()) if n else float("nan")
     logit = float((pred.emotion_logits.argmax(-1) == j).float().mean()) if n else float("nan")
     return {"token_acc": tok, "logit_acc": logit, "n": n}
+
+
+def answer_share(pred: Predictions, emotion: str, emotion_ids: Sequence[int]) -> float:
+    """Share of the queries whose greedy next token is ``emotion``'s first token."""
+    n = int(pred.top_token.numel())
+    hits = pred.top_token == emotion_ids[EMOTIONS.index(emotion)]
+    return float(hits.float().mean()) if n else float("nan")
+
+
+def specificity(matrix: Sequence[Sequence[float]]) -> dict[str, Any]:
+    """Specificity of steering from the 6×6 answer matrix (issue 17).
+
+    ``matrix[i][j]``: share answering emotion ``j`` on ``j``'s negative scenarios when
+    steered with emotion ``i``'s vector (so the diagonal is Token Acc). For emotion ``j``:
+
+        ``spec_j = M[j][j] − mean_{i≠j} M[i][j]``
+
+    the on-target share minus how often the same answer comes from the other emotions'
+    vectors. A generic push that makes every vector produce one answer (e.g. " fear")
+    scores 0 on that emotion however high its Token Acc; a vector that moves only its
+    own answer scores its Token Acc.
+
+    Returns:
+        ``{"per_emotion": {e: spec_e}, "mean": mean spec, "on_target": mean diagonal}``.
+
+    Raises:
+        ValueError: the matrix is not 6×6.
+    """
+    k = len(EMOTIONS)
+    if len(matrix) != k or any(len(row) != k for row in matrix):
+        raise ValueError(f"the matrix must be {k}x{k} (rows: steered emotion, columns: answer)")
+    per = {
+        e: float(matrix[j][j]) - sum(float(matrix[i][j]) for i in range(k) if i != j) / (k - 1)
+        for j, e in enumerate(EMOTIONS)
+    }
+    return {
+        "per_emotion": per,
+        "mean": sum(per.values()) / k,
+        "on_target": sum(float(matrix[j][j]) for j in range(k)) / k,
+    }
 
 
 @dataclass

@@ -278,6 +278,14 @@ class EmotionConfig:
             switch="skip the random_<pairing> references",
         ),
     )
+    include_specificity: bool = field(
+        default=True,
+        metadata=_help(
+            "at each method's picked α, the 6x6 answer matrix and its specificity score",
+            flag="--no-specificity",
+            switch="skip the 6x6 answer matrix (30 more prediction sets per method)",
+        ),
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "alphas", _check_alphas(self.alphas))
@@ -299,7 +307,7 @@ class EmotionConfig:
         )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
-        for name in ("include_self", "include_random"):
+        for name in ("include_self", "include_random", "include_specificity"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         _check_split_sizes(self)

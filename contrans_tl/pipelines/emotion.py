@@ -47,9 +47,11 @@ from contrans_tl.evals.emotion import (
     EmotionSplit,
     EmotionTask,
     Predictions,
+    answer_share,
     negatives,
     refinement_prompts,
     score,
+    specificity,
 )
 from contrans_tl.io import load_artifact, save_artifact, write_json, write_text
 from contrans_tl.maps import MapMethod, Pairing, ResidualMap, fit_residual_map
@@ -428,6 +430,33 @@ def score_method(
     return rows
 
 
+def score_confusion(
+    target: Any,
+    fingerprint: Mapping[str, Any],
+    queries: Queries,
+    vectors: Mapping[str, ConceptVector],
+    alpha: float,
+    layers: list[int] | None,
+    config: EmotionConfig,
+    cache: ResultCache | None,
+) -> dict[str, Any]:
+    """Step 7b: the 6×6 answer matrix of one method at its α, and its specificity.
+
+    ``matrix[i][j]``: share answering emotion ``j`` on ``j``'s evaluation negatives when
+    steered with emotion ``i``'s vector (the diagonal is Token Acc); the score is
+    :func:`contrans_tl.evals.emotion.specificity`.
+    """
+    jobs = {
+        f"{ei}->{ej}": (queries.evaluation[ej], vectors[ei], alpha)
+        for ei in EMOTIONS
+        for ej in EMOTIONS
+    }
+    preds = _predict_all(target, fingerprint, queries, jobs, layers, config, cache)
+    ids = queries.task.emotion_ids
+    matrix = [[answer_share(preds[f"{ei}->{ej}"], ej, ids) for ej in EMOTIONS] for ei in EMOTIONS]
+    return {"alpha": alpha, "matrix": matrix, **specificity(matrix)}
+
+
 def _mean(rows: Sequence[Row], split: str, method: str, alpha: float, key: str) -> float:
     vals = [
         r[key]
@@ -591,6 +620,14 @@ def run_emotion(
                 target, fps[1], queries, m, vectors[m], [selected[m]], layers, config, store
             )
     summary, cosines = summarize(rows, selected, vectors)
+    confusion = {}
+    if config.include_specificity:
+        for m in vectors:
+            with _timed(f"specificity of {m}", steps):
+                confusion[m] = score_confusion(
+                    target, fps[1], queries, vectors[m], selected[m], layers, config, store
+                )
+            summary[m]["specificity"] = confusion[m]["mean"]
     result = {
         "experiment": "emotion transplant (ConTrans paper section 4.1, Fig. 2a)",
         "command": command,
@@ -602,6 +639,7 @@ def run_emotion(
         "selected_alpha": selected,
         "summary": summary,
         "cosine_transplanted_vs_self": cosines,
+        "confusion": confusion,
         "rows": rows,
         "seconds": round(time.time() - t0, 1),
         "step_seconds": steps,
@@ -657,14 +695,18 @@ def write_markdown(result: Mapping[str, Any]) -> str:
         "",
         "## Summary (α picked on validation negatives)",
         "",
-        "| method | α | Token Acc | Logit Acc |",
-        "| --- | ---: | ---: | ---: |",
+        "| method | α | Token Acc | Logit Acc | specificity |",
+        "| --- | ---: | ---: | ---: | ---: |",
     ]
     for m, s in result["summary"].items():
-        lines.append(f"| {m} | {s['alpha']:g} | {s['token_acc']:.3f} | {s['logit_acc']:.3f} |")
+        spec = f"{s['specificity']:.3f}" if "specificity" in s else "-"
+        lines.append(
+            f"| {m} | {s['alpha']:g} | {s['token_acc']:.3f} | {s['logit_acc']:.3f} | {spec} |"
+        )
     lines += alpha_table("Token Acc", "token_acc", True)
     lines += alpha_table("Logit Acc", "logit_acc", False)
     lines += _per_emotion_table(result["summary"], ev)
+    lines += _confusion_tables(result.get("confusion", {}))
     lines += _maps_table(result["maps"])
     lines.append("")
     lines.append(f"Run time: {result['seconds']} s on {result['machine']['platform']}.")
@@ -687,6 +729,33 @@ def _per_emotion_table(summary: Mapping[str, Any], ev: Sequence[Row]) -> list[st
             ]
             cells.append(f"{r[0]['token_acc']:.2f} / {r[0]['logit_acc']:.2f}" if r else "-")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _confusion_tables(confusion: Mapping[str, Any]) -> list[str]:
+    """One 6×6 answer matrix per method (rows: the steering vector's emotion)."""
+    if not confusion:
+        return []
+    lines = [
+        "",
+        "## Answers under each emotion's vector (specificity)",
+        "",
+        "Row: the emotion whose vector steers; column: share answering that emotion on its "
+        "evaluation negatives (the diagonal is Token Acc). Specificity of an emotion: its "
+        "diagonal cell minus the mean of the other rows in its column (a push that makes "
+        "every vector give the same answer scores 0 there).",
+    ]
+    for m, c in confusion.items():
+        lines += [
+            "",
+            f"**{m}** (α={c['alpha']:g}; specificity {c['mean']:.3f})",
+            "",
+            "| vector | " + " | ".join(EMOTIONS) + " | specificity |",
+            "| --- |" + " ---: |" * (len(EMOTIONS) + 1),
+        ]
+        for e, row in zip(EMOTIONS, c["matrix"]):
+            cells = " | ".join(f"{x:.2f}" for x in row)
+            lines.append(f"| {e} | {cells} | {c['per_emotion'][e]:.2f} |")
     return lines
 
 
