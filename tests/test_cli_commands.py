@@ -246,6 +246,10 @@ def test_config_vocabularies_match_the_library():
 
     assert set(configs.PAIRINGS) == set(maps.PAIRINGS) == set(get_args(maps.Pairing))
     assert set(configs.MAP_METHODS) == set(get_args(maps.MapMethod))
+    assert set(configs.FULL_RANK_MAP_METHODS) == set(configs.MAP_METHODS) - {"reduced_rank"}
+    from contrans_tl import map_texts
+
+    assert set(configs.MAP_TEXT_KINDS) == set(map_texts.MAP_TEXTS)
     assert set(configs.STEER_POSITIONS) == set(get_args(steering.StepPositions))
     assert set(configs.STEER_SCALES) == set(get_args(steering.Scale))
     assert set(configs.READ_POSITIONS) == set(get_args(activations.Positions))

@@ -349,7 +349,8 @@ def test_answer_matrix_diagonal_is_token_acc_and_off_diagonal_is_measured(
             (row,) = [
                 r
                 for r in result["rows"]
-                if (r["split"], r["method"], r["emotion"], r["alpha"]) == ("evaluation", m, e, alpha)
+                if (r["split"], r["method"], r["emotion"], r["alpha"])
+                == ("evaluation", m, e, alpha)
             ]
             assert c["matrix"][j][j] == pytest.approx(row["token_acc"])  # the diagonal
             others = [c["matrix"][i][j] for i in range(len(EMOTIONS)) if i != j]
@@ -358,6 +359,6 @@ def test_answer_matrix_diagonal_is_token_acc_and_off_diagonal_is_measured(
         assert result["summary"][m]["specificity"] == pytest.approx(c["mean"])
     assert "## Answers under each emotion's vector" in (tmp_path / "results.md").read_text()
     off = EmotionConfig(**SMALL, include_specificity=False)
-    assert run_emotion(small_llama, small_gemma, off, tmp_path / "off", cache=False)[
-        "confusion"
-    ] == {}
+    assert (
+        run_emotion(small_llama, small_gemma, off, tmp_path / "off", cache=False)["confusion"] == {}
+    )

@@ -34,6 +34,7 @@ __all__ = [
     "DEFAULT_ALPHAS",
     "LAYER_MATCHES",
     "MAP_METHODS",
+    "MAP_TEXT_KINDS",
     "N_VALIDATION",
     "PAIRINGS",
     "SWEEP_METHODS",
@@ -69,7 +70,15 @@ DEFAULT_ALPHAS = (0.25, 0.5, 1.0, 2.0, 4.0)
 """The strengths of the α sweep by default (α = 0, the unsteered base, is always run)."""
 SWEEP_METHODS = ("transplanted", "self", "random")
 """The vectors the sweep can steer with."""
-MAP_METHODS = ("svd", "ridge")
+MAP_METHODS = ("svd", "ridge", "procrustes", "whitened_procrustes", "reduced_rank")
+MAP_METHOD_HELP = (
+    "map fit: svd (the paper), ridge, procrustes, whitened_procrustes, reduced_rank "
+    "(contrans_tl.maps)"
+)
+#: The map methods that need no rank (what the experiments other than the emotion one take).
+FULL_RANK_MAP_METHODS = ("svd", "ridge", "procrustes", "whitened_procrustes")
+#: Kinds of map-fitting text (:data:`contrans_tl.map_texts.MAP_TEXTS`).
+MAP_TEXT_KINDS = ("wikisplit", "prompts", "mixed")
 """How the residual map is solved."""
 LayerMatch = Literal["depth", "cka", "r2"]
 LAYER_MATCHES = ("depth", "cka", "r2")
@@ -242,11 +251,12 @@ class EmotionConfig:
             "map pairings to compare, each a contrans_<pairing> method: last, word_ends, all, auto"
         ),
     )
-    map_method: str = field(
-        default="svd", metadata=_help("map fit: 'svd' (the paper) or 'ridge'", choices=MAP_METHODS)
+    map_method: str = field(default="svd", metadata=_help(MAP_METHOD_HELP, choices=MAP_METHODS))
+    map_rank: int | None = field(
+        default=None, metadata=_help("the map's rank (reduced_rank only; required there)")
     )
     n_map_texts: int = field(
-        default=2000, metadata=_help("WikiSplit sentences for the maps (a tenth held out for R²)")
+        default=2000, metadata=_help("texts for the maps (a tenth held out for R²)")
     )
     n_refine: int = field(
         default=100, metadata=_help("refinement scenarios per emotion (and as many negatives)")
@@ -261,6 +271,14 @@ class EmotionConfig:
     batch_size: int = field(default=16, metadata=_help("prompts per forward pass"))
     seed: int = field(
         default=0, metadata=_help("seeds the splits, held-out texts and random directions")
+    )
+    map_texts: str = field(
+        default="wikisplit",
+        metadata=_help(
+            "texts the maps are fitted on: wikisplit (the paper), prompts (scenarios, "
+            "questions, dialogue turns; no evaluation item), or mixed (half each)",
+            choices=MAP_TEXT_KINDS,
+        ),
     )
     include_self: bool = field(
         default=True,
@@ -307,6 +325,18 @@ class EmotionConfig:
         )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        _check_choice("map_texts", self.map_texts, MAP_TEXT_KINDS)
+        if (self.map_method == "reduced_rank") != (self.map_rank is not None):
+            raise ValueError(
+                "map_rank goes with map_method='reduced_rank' and only with it (e.g. "
+                f"map_rank=32), got map_method={self.map_method!r}, map_rank={self.map_rank!r}"
+            )
+        if self.map_rank is not None and (
+            isinstance(self.map_rank, bool)
+            or not isinstance(self.map_rank, int)
+            or self.map_rank < 1
+        ):
+            raise ValueError(f"map_rank must be an int >= 1, got {self.map_rank!r}")
         for name in ("include_self", "include_random", "include_specificity"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -364,7 +394,7 @@ class AnalysisConfig:
         ),
     )
     map_method: str = field(
-        default="svd", metadata=_help("svd (paper) or ridge", choices=MAP_METHODS)
+        default="svd", metadata=_help(MAP_METHOD_HELP, choices=FULL_RANK_MAP_METHODS)
     )
     layer_match: str = field(
         default="depth",
@@ -516,8 +546,10 @@ class AnalysisConfig:
             )
         if self.map_pairing not in PAIRINGS:
             raise ValueError(f"map_pairing must be one of {PAIRINGS}, got {self.map_pairing!r}")
-        if self.map_method not in MAP_METHODS:
-            raise ValueError(f"map_method must be one of {MAP_METHODS}, got {self.map_method!r}")
+        if self.map_method not in FULL_RANK_MAP_METHODS:
+            raise ValueError(
+                f"map_method must be one of {FULL_RANK_MAP_METHODS}, got {self.map_method!r}"
+            )
         if self.layer_match not in LAYER_MATCHES:
             raise ValueError(
                 f"layer_match must be one of {LAYER_MATCHES}, got {self.layer_match!r}"
@@ -692,7 +724,7 @@ class MapConfig:
         ),
     )
     method: str = field(
-        default="svd", metadata=_help("'svd' (the paper) or 'ridge'", choices=MAP_METHODS)
+        default="svd", metadata=_help(MAP_METHOD_HELP, choices=FULL_RANK_MAP_METHODS)
     )
     ridge: float = field(default=1e-3, metadata=_help("ridge strength, for method 'ridge'"))
     heldout_fraction: float = field(
@@ -704,7 +736,7 @@ class MapConfig:
 
     def __post_init__(self) -> None:
         _check_choice("pairing", self.pairing, PAIRINGS)
-        _check_choice("method", self.method, MAP_METHODS)
+        _check_choice("method", self.method, FULL_RANK_MAP_METHODS)
         check_minimums(
             {
                 "n_texts": (self.n_texts, 10),

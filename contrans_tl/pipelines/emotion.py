@@ -42,7 +42,7 @@ import torch
 from tqdm.auto import tqdm
 
 from contrans_tl.concepts import ConceptVector, mean_differences
-from contrans_tl.data import EMOTIONS, wikisplit_sentences
+from contrans_tl.data import EMOTIONS
 from contrans_tl.evals.emotion import (
     EmotionSplit,
     EmotionTask,
@@ -222,8 +222,10 @@ def fit_maps(
     config: EmotionConfig,
     cache: ResultCache | None,
 ) -> dict[str, FittedMap]:
-    """Step 2 (Eq. 2): one residual map per pairing, on ``n_map_texts`` WikiSplit sentences."""
-    texts = wikisplit_sentences(config.n_map_texts)
+    """Step 2 (Eq. 2): one residual map per pairing, on ``n_map_texts`` texts of the kind
+    ``config.map_texts`` (WikiSplit by default), none containing an evaluation or
+    validation scenario."""
+    texts = map_fitting_texts(config)
     out = {}
     for p in config.pairings:
         log.info("fitting maps, pairing=%s, %d texts", p, len(texts))
@@ -234,6 +236,7 @@ def fit_maps(
             "texts": texts,
             "pairing": p,
             "method": config.map_method,
+            **({} if config.map_rank is None else {"rank": config.map_rank}),
             "batch_size": config.batch_size,
             "seed": config.seed,
             "fit_defaults": {"ridge": 1e-3, "heldout_fraction": 0.1, "max_length": 128},
@@ -245,6 +248,7 @@ def fit_maps(
             texts,
             pairing=cast(Pairing, p),
             method=cast(MapMethod, config.map_method),
+            rank=config.map_rank,
             batch_size=config.batch_size,
             seed=config.seed,
         )
@@ -253,6 +257,16 @@ def fit_maps(
             log.info("map (pairing=%s) from the result cache", p)
         out[p] = FittedMap(rmap, round(time.perf_counter() - t, 1), hit)
     return out
+
+
+def map_fitting_texts(config: EmotionConfig) -> list[str]:
+    """The texts :func:`fit_maps` fits on: ``config.map_texts`` with every validation and
+    evaluation scenario of the split excluded."""
+    from contrans_tl.map_texts import fitting_texts
+
+    split = config.split()
+    held = [s for part in (split.validation, split.evaluation) for e in EMOTIONS for s in part[e]]
+    return fitting_texts(config.map_texts, config.n_map_texts, seed=config.seed, exclude=held)
 
 
 def _save_map(rmap: ResidualMap, folder: Path) -> None:
@@ -551,6 +565,7 @@ def _protocol(
         "alpha selected for the matching contrans_*",
         "map_method": config.map_method,
         "n_map_texts": config.n_map_texts,
+        "map_texts": config.map_texts,
     }
 
 
