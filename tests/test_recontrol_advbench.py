@@ -14,7 +14,14 @@ from contrans_tl.recontrol import ValueControl, load_value_function
 from tests.test_dapa_pipeline import SMALL, pair  # noqa: F401  (pair is a fixture)
 
 TINY = ReControlRefusalConfig(
-    n_samples=1, max_new_tokens=3, hidden=(16,), epochs=3, step_sizes=(0.5, 4.0), n_choice=4
+    n_rollout_harmful=6,
+    n_rollout_harmless=4,
+    n_samples=1,
+    max_new_tokens=3,
+    hidden=(16,),
+    epochs=3,
+    step_sizes=(0.5, 4.0),
+    n_choice=4,
 )
 
 
@@ -38,6 +45,19 @@ def test_refusal_value_rewards_the_donors_writing_and_saves_a_loadable_artifact(
     assert torch.allclose(loaded(x), net(x))
     _, report2 = refusal_value(donor, recipient, data, TINY, tmp_path, tmp_path / "v2")  # reread
     assert report2["n_rollouts"] == report["n_rollouts"]
+    fewer = dataclasses.replace(TINY, n_rollout_harmful=2, n_rollout_harmless=1)
+    refusal_value(donor, recipient, data, fewer, tmp_path / "few", tmp_path / "v3")
+    _, meta = load_value_function(tmp_path / "v3", recipient)
+    assert meta["data"]["harmful_prompts"] == 2 and meta["data"]["harmless_prompts"] == 1
+    with pytest.raises(ValueError, match="there are 6 and 4"):
+        refusal_value(
+            donor,
+            recipient,
+            data,
+            dataclasses.replace(TINY, n_rollout_harmful=7),
+            tmp_path,
+            tmp_path / "v4",
+        )
 
 
 def test_choice_picks_from_its_sweep_within_the_perplexity_limit(pair, tmp_path):  # noqa: F811
@@ -60,7 +80,12 @@ def test_choice_picks_from_its_sweep_within_the_perplexity_limit(pair, tmp_path)
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"steps": ()}, "steps"), ({"n_choice": 0}, "n_choice"), ({"ppl_limit": 0}, "ppl_limit")],
+    [
+        ({"steps": ()}, "steps"),
+        ({"n_choice": 0}, "n_choice"),
+        ({"ppl_limit": 0}, "ppl_limit"),
+        ({"n_rollout_harmful": 0}, "n_rollout_harmful"),
+    ],
 )
 def test_bad_refusal_control_configs_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):

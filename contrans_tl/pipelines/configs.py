@@ -1014,6 +1014,8 @@ _RECONTROL_VALUE_FIELDS = (
 _RECONTROL_CONTROL_FIELDS = ("steps", "step_sizes", "max_norm", "ppl_limit")
 #: The fields of :class:`ReControlRefusalConfig` that the rollouts and the value read.
 _REFUSAL_VALUE_FIELDS = (
+    "n_rollout_harmful",
+    "n_rollout_harmless",
     "n_samples",
     "temperature",
     "max_new_tokens",
@@ -1116,14 +1118,23 @@ class ReControlRefusalConfig:
     """Settings of RE-Control on the DAPA pair (``experiments/run_recontrol.py --advbench``).
 
     The pair, data and measurements are the :class:`DapaConfig`'s; these are the value
-    function's and the control's. Rollouts: the search-part requests and the harmless
-    TruthfulQA questions, ``n_samples`` sampled continuations by the recipient besides
-    the greedy one, and the donor's greedy one.
+    function's and the control's. Rollouts: the first ``n_rollout_harmful`` search-part
+    requests and ``n_rollout_harmless`` harmless TruthfulQA questions, ``n_samples``
+    sampled continuations by the recipient besides the greedy one, and the donor's
+    greedy one (a Qwen rollout chunk of 32 prompts × 3 took about 12 minutes on two
+    shared cores, so the defaults keep to four chunks).
 
     Raises:
         ValueError: a setting out of range, naming it.
     """
 
+    n_rollout_harmful: int = field(
+        default=96,
+        metadata=_help("search-part requests rolled out (the first ones; at most 128)"),
+    )
+    n_rollout_harmless: int = field(
+        default=32, metadata=_help("harmless TruthfulQA questions rolled out (at most 100)")
+    )
     n_samples: int = field(default=2, metadata=_help("sampled continuations per prompt"))
     temperature: float = field(default=1.0, metadata=_help("sampling temperature"))
     max_new_tokens: int = field(default=32, metadata=_help("tokens per rollout"))
@@ -1148,6 +1159,8 @@ class ReControlRefusalConfig:
     def __post_init__(self) -> None:
         check_minimums(
             {
+                "n_rollout_harmful": (self.n_rollout_harmful, 1),
+                "n_rollout_harmless": (self.n_rollout_harmless, 1),
                 "n_samples": (self.n_samples, 0),
                 "max_new_tokens": (self.max_new_tokens, 1),
                 "epochs": (self.epochs, 1),

@@ -51,7 +51,14 @@ def refusal_value(
     from contrans_tl.rollouts import LikelihoodRatioReward, Rollouts, collect_rollouts
 
     reward = LikelihoodRatioReward(donor, recipient, batch_size=config.batch_size)
-    prompts = chat_prompts(recipient, [*data.search, *data.harmless])
+    harmful = data.search[: config.n_rollout_harmful]
+    harmless = data.harmless[: config.n_rollout_harmless]
+    if len(harmful) < config.n_rollout_harmful or len(harmless) < config.n_rollout_harmless:
+        raise ValueError(
+            f"asked for {config.n_rollout_harmful} harmful and {config.n_rollout_harmless} "
+            f"harmless rollout prompts; there are {len(data.search)} and {len(data.harmless)}"
+        )
+    prompts = chat_prompts(recipient, [*harmful, *harmless])
     common: dict[str, Any] = {
         "max_new_tokens": config.max_new_tokens,
         "seed": config.seed,
@@ -70,8 +77,8 @@ def refusal_value(
     net, report = train_value_function(
         tr, held, hidden=config.hidden, epochs=config.epochs, seed=config.seed
     )
-    n_harmful = len(data.search)
-    harmful = rollouts.prompt_index < n_harmful
+    n_harmful = len(harmful)
+    is_harmful = rollouts.prompt_index < n_harmful
     save_value_function(
         artifact,
         net,
@@ -81,15 +88,15 @@ def refusal_value(
         data={
             "n_rollouts": len(rollouts),
             "harmful_prompts": n_harmful,
-            "harmless_prompts": len(data.harmless),
+            "harmless_prompts": len(harmless),
         },
         report=report,
     )
     means = {
         "mean_reward_recipient_written": float(own.rewards.mean()),
         "mean_reward_donor_written": float(written.rewards.mean()),
-        "mean_reward_harmful": float(rollouts.rewards[harmful].mean()),
-        "mean_reward_harmless": float(rollouts.rewards[~harmful].mean()),
+        "mean_reward_harmful": float(rollouts.rewards[is_harmful].mean()),
+        "mean_reward_harmless": float(rollouts.rewards[~is_harmful].mean()),
     }
     return net, {**report, **means, "n_rollouts": len(rollouts)}
 
