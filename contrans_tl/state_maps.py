@@ -63,6 +63,7 @@ __all__ = [
     "fit_state_map",
     "transplant_states",
     "r2_score",
+    "mean_cosine",
 ]
 
 Family = Literal["mlp", "anchor"]
@@ -144,6 +145,11 @@ class AnchorLayerMap(nn.Module):
         }
 
 
+def mean_cosine(pred: Float[Tensor, "n d"], y: Float[Tensor, "n d"]) -> float:
+    """Mean cosine between each prediction and its true state."""
+    return float(nn.functional.cosine_similarity(pred.double(), y.double(), dim=-1).mean())
+
+
 def r2_score(pred: Float[Tensor, "n d"], y: Float[Tensor, "n d"]) -> float:
     """``1 − Σ‖y − ŷ‖² / Σ‖y − ȳ‖²`` (as :class:`~contrans_tl.maps.MapScorer` computes it)."""
     y64, p64 = y.double(), pred.double()
@@ -189,7 +195,7 @@ def fit_mlp_layer(
     torch.manual_seed(seed)
     model = MLPLayerMap(x.shape[1], y.shape[1], hidden)
     w, b = _ridge_fit(x, y, ridge)
-    model.weight.data, model.bias.data = w, b
+    model.weight.data, model.bias.data = w.contiguous(), b.contiguous()  # as a reload has them
     model.mu.copy_(x.float().mean(0))
     model.sigma.copy_(x.float().std(0).clamp_min(1e-6))
     with torch.no_grad():
@@ -514,9 +520,12 @@ def fit_state_map(
             module = fit_anchor_layer(x[s], y[t], n_anchors=min(n_anchors, len(x[s])), seed=seed)
             extra = {}
         with torch.no_grad():
+            held, last = module(xh[s]), module(xl[s])
             metrics[t] = {
-                "r2": r2_score(module(xh[s]), yh[t]),
-                "r2_last": r2_score(module(xl[s]), yl[t]),
+                "r2": r2_score(held, yh[t]),
+                "r2_last": r2_score(last, yl[t]),
+                "cosine": mean_cosine(held, yh[t]),
+                "cosine_last": mean_cosine(last, yl[t]),
                 "n": len(xh[s]),
                 "n_last": len(xl[s]),
                 **extra,

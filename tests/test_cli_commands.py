@@ -129,7 +129,14 @@ def test_version(capsys):
 
 def test_help_shows_defaults_choices_and_zoo_names(capsys):
     for argv, shown in (
-        (["emotion", "--help"], ["(default: 0.05,0.1,0.2,0.4,0.8)", "{svd,ridge}", "--no-self"]),
+        (
+            ["emotion", "--help"],
+            [
+                "(default: 0.05,0.1,0.2,0.4,0.8)",
+                "whitened_procrustes,reduced_rank,mlp,anchor}",
+                "--no-self",
+            ],
+        ),
         (["fetch", "--help"], ["smollm2-135m-instruct", "gemma-3-270m"]),
         (["analyze", "--help"], ["'all;0-8;9-17'", "(default: all)"]),
     ):
@@ -250,6 +257,10 @@ def test_config_vocabularies_match_the_library():
     from contrans_tl import map_texts
 
     assert set(configs.MAP_TEXT_KINDS) == set(map_texts.MAP_TEXTS)
+    from contrans_tl import state_maps
+
+    assert set(configs.STATE_MAP_FAMILIES) == set(state_maps.FAMILIES)
+    assert set(configs.EMOTION_MAP_METHODS) == set(configs.MAP_METHODS) | set(state_maps.FAMILIES)
     assert set(configs.STEER_POSITIONS) == set(get_args(steering.StepPositions))
     assert set(configs.STEER_SCALES) == set(get_args(steering.Scale))
     assert set(configs.READ_POSITIONS) == set(get_args(activations.Positions))

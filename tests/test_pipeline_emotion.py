@@ -362,3 +362,22 @@ def test_answer_matrix_diagonal_is_token_acc_and_off_diagonal_is_measured(
     assert (
         run_emotion(small_llama, small_gemma, off, tmp_path / "off", cache=False)["confusion"] == {}
     )
+
+
+@pytest.mark.parametrize("family", ["mlp", "anchor"])
+def test_nonlinear_map_families_run_through_the_experiment_and_the_cache(
+    small_llama, small_gemma, tmp_path, family, monkeypatch
+):
+    config = EmotionConfig(
+        **{**SMALL, "pairings": ("word_ends",)}, map_method=family, include_specificity=False
+    )
+    cache = tmp_path / "cache"
+    result = run_emotion(small_llama, small_gemma, config, tmp_path / "a", cache=cache)
+    info = result["maps"]["word_ends"]
+    assert info["method"] == family and info["metrics"]
+    assert all({"r2", "r2_last", "cosine_last"} <= set(m) for m in info["metrics"].values())
+    rows = [r for r in result["rows"] if r["method"] == "contrans_word_ends"]
+    assert len(rows) == 2 * len(EMOTIONS) * len(config.alphas)  # both splits, every α
+    _refuse(monkeypatch)  # a repeated run reads the state map back from the cache
+    again = run_emotion(small_llama, small_gemma, config, tmp_path / "b", cache=cache)
+    assert _numbers(again)["summary"] == _numbers(result)["summary"]

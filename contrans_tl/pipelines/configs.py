@@ -35,6 +35,8 @@ __all__ = [
     "LAYER_MATCHES",
     "MAP_METHODS",
     "MAP_TEXT_KINDS",
+    "STATE_MAP_FAMILIES",
+    "EMOTION_MAP_METHODS",
     "N_VALIDATION",
     "PAIRINGS",
     "SWEEP_METHODS",
@@ -74,6 +76,17 @@ MAP_METHODS = ("svd", "ridge", "procrustes", "whitened_procrustes", "reduced_ran
 MAP_METHOD_HELP = (
     "map fit: svd (the paper), ridge, procrustes, whitened_procrustes, reduced_rank "
     "(contrans_tl.maps)"
+)
+#: Map families that are not one matrix (:data:`contrans_tl.state_maps.FAMILIES`).
+STATE_MAP_FAMILIES = ("mlp", "anchor")
+#: What the emotion experiment's ``map_method`` takes: every linear method and family.
+EMOTION_MAP_METHODS = (
+    "svd",
+    "ridge",
+    "procrustes",
+    "whitened_procrustes",
+    "reduced_rank",
+    *STATE_MAP_FAMILIES,
 )
 #: The map methods that need no rank (what the experiments other than the emotion one take).
 FULL_RANK_MAP_METHODS = ("svd", "ridge", "procrustes", "whitened_procrustes")
@@ -177,8 +190,10 @@ def _check_pairings(pairings: object, map_method: object) -> tuple[Any, ...]:
         )
     if len(set(pairings)) != len(pairings):
         raise ValueError(f"pairings must be distinct, got {list(pairings)}")
-    if map_method not in MAP_METHODS:
-        raise ValueError(f"map_method must be one of {list(MAP_METHODS)}, got {map_method!r}")
+    if map_method not in EMOTION_MAP_METHODS:
+        raise ValueError(
+            f"map_method must be one of {list(EMOTION_MAP_METHODS)}, got {map_method!r}"
+        )
     return tuple(pairings)
 
 
@@ -251,7 +266,13 @@ class EmotionConfig:
             "map pairings to compare, each a contrans_<pairing> method: last, word_ends, all, auto"
         ),
     )
-    map_method: str = field(default="svd", metadata=_help(MAP_METHOD_HELP, choices=MAP_METHODS))
+    map_method: str = field(
+        default="svd",
+        metadata=_help(
+            MAP_METHOD_HELP + "; or a nonlinear family: mlp, anchor (contrans_tl.state_maps)",
+            choices=EMOTION_MAP_METHODS,
+        ),
+    )
     map_rank: int | None = field(
         default=None, metadata=_help("the map's rank (reduced_rank only; required there)")
     )

@@ -29,6 +29,7 @@ Example:
 
 import contextlib
 import functools
+import json
 import logging
 import os
 import platform
@@ -39,8 +40,10 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
+from contrans_tl.activations import read_resid_post
 from contrans_tl.concepts import ConceptVector, mean_differences
 from contrans_tl.data import EMOTIONS
 from contrans_tl.evals.emotion import (
@@ -58,8 +61,15 @@ from contrans_tl.maps import MapMethod, Pairing, ResidualMap, fit_residual_map
 from contrans_tl.models import model_provenance
 from contrans_tl.pipelines.alpha import best_alpha, control_alphas
 from contrans_tl.pipelines.cache import ResultCache, model_fingerprint, open_cache, tensor_digest
-from contrans_tl.pipelines.configs import N_VALIDATION, EmotionConfig, check_minimums, check_out_dir
+from contrans_tl.pipelines.configs import (
+    N_VALIDATION,
+    STATE_MAP_FAMILIES,
+    EmotionConfig,
+    check_minimums,
+    check_out_dir,
+)
 from contrans_tl.sites import check_layers
+from contrans_tl.state_maps import Family, StateMap, fit_state_map, transplant_states
 from contrans_tl.steering import make_steering
 
 __all__ = [
@@ -198,7 +208,7 @@ def refine_source_vectors(
 class FittedMap:
     """A fitted map, the seconds this run spent on it, and whether it came from the cache."""
 
-    rmap: ResidualMap
+    rmap: ResidualMap | StateMap
     seconds: float
     cached: bool
 
@@ -241,17 +251,30 @@ def fit_maps(
             "seed": config.seed,
             "fit_defaults": {"ridge": 1e-3, "heldout_fraction": 0.1, "max_length": 128},
         }
-        fit = functools.partial(
-            fit_residual_map,
-            source,
-            target,
-            texts,
-            pairing=cast(Pairing, p),
-            method=cast(MapMethod, config.map_method),
-            rank=config.map_rank,
-            batch_size=config.batch_size,
-            seed=config.seed,
-        )
+        fit: Callable[[], ResidualMap | StateMap]
+        if config.map_method in STATE_MAP_FAMILIES:
+            fit = functools.partial(
+                fit_state_map,
+                source,
+                target,
+                texts,
+                family=cast(Family, config.map_method),
+                pairing=cast(Pairing, p),
+                batch_size=config.batch_size,
+                seed=config.seed,
+            )
+        else:
+            fit = functools.partial(
+                fit_residual_map,
+                source,
+                target,
+                texts,
+                pairing=cast(Pairing, p),
+                method=cast(MapMethod, config.map_method),
+                rank=config.map_rank,
+                batch_size=config.batch_size,
+                seed=config.seed,
+            )
         rmap, hit = _cached(cache, "fit_map", inputs, fit, _save_map, _load_map)
         if hit:
             log.info("map (pairing=%s) from the result cache", p)
@@ -269,23 +292,52 @@ def map_fitting_texts(config: EmotionConfig) -> list[str]:
     return fitting_texts(config.map_texts, config.n_map_texts, seed=config.seed, exclude=held)
 
 
-def _save_map(rmap: ResidualMap, folder: Path) -> None:
+def _save_map(rmap: ResidualMap | StateMap, folder: Path) -> None:
     rmap.save(folder / "map")
 
 
-def _load_map(folder: Path) -> ResidualMap:
-    return ResidualMap.load(folder / "map")
+def _load_map(folder: Path) -> ResidualMap | StateMap:
+    kind = json.loads((folder / "map.json").read_text(encoding="utf-8")).get("kind")
+    return (
+        StateMap.load(folder / "map") if kind == "state_map" else ResidualMap.load(folder / "map")
+    )
+
+
+def refinement_states(
+    source: Any,
+    prompts: Mapping[str, tuple[list[str], list[str]]],
+    config: EmotionConfig,
+) -> dict[str, tuple[dict[int, Tensor], dict[int, Tensor]]]:
+    """Step 3a, for maps that are not linear: each emotion's positive and negative
+    last-token states in the source, every layer (the distinct prompts read once)."""
+    distinct = list(dict.fromkeys(t for pos, neg in prompts.values() for t in [*pos, *neg]))
+    reads = read_resid_post(source, distinct, positions="last", batch_size=config.batch_size)
+    row = {t: i for i, t in enumerate(distinct)}  # one last-token row per text
+
+    def rows(texts: list[str]) -> dict[int, Tensor]:
+        idx = torch.tensor([row[t] for t in texts])
+        return {k: v[idx] for k, v in reads.states.items()}
+
+    return {e: (rows(pos), rows(neg)) for e, (pos, neg) in prompts.items()}
 
 
 def transplant_vectors(
     maps: Mapping[str, FittedMap],
     source_vectors: Mapping[str, ConceptVector],
     config: EmotionConfig,
+    source_states: Mapping[str, tuple[dict[int, Tensor], dict[int, Tensor]]] | None = None,
 ) -> dict[str, dict[str, ConceptVector]]:
-    """Step 3: ``contrans_<pairing>`` vectors (``v F``) and, if asked, their random controls."""
+    """Step 3: ``contrans_<pairing>`` vectors (``v F``; for a map that is not linear, the
+    mean difference of the mapped ``source_states``) and, if asked, random controls."""
     vectors: dict[str, dict[str, ConceptVector]] = {}
     for p, fitted in maps.items():
-        moved = {e: fitted.rmap.transplant(source_vectors[e]) for e in EMOTIONS}
+        rmap = fitted.rmap
+        if isinstance(rmap, StateMap):
+            if source_states is None:
+                raise ValueError(f"a {rmap.method!r} map needs the refinement states")
+            moved = {e: transplant_states(rmap, *source_states[e], concept=e) for e in EMOTIONS}
+        else:
+            moved = {e: rmap.transplant(source_vectors[e]) for e in EMOTIONS}
         vectors[f"contrans_{p}"] = moved
         if config.include_random:
             vectors[f"random_{p}"] = {
@@ -471,6 +523,23 @@ def score_confusion(
     return {"alpha": alpha, "matrix": matrix, **specificity(matrix)}
 
 
+def score_specificity(
+    target: Any,
+    fingerprint: Mapping[str, Any],
+    queries: Queries,
+    vectors: Mapping[str, Mapping[str, ConceptVector]],
+    selected: Mapping[str, float],
+    layers: list[int] | None,
+    config: EmotionConfig,
+    cache: ResultCache | None,
+) -> dict[str, Any]:
+    """:func:`score_confusion` of every method at its picked α."""
+    return {
+        m: score_confusion(target, fingerprint, queries, v, selected[m], layers, config, cache)
+        for m, v in vectors.items()
+    }
+
+
 def _mean(rows: Sequence[Row], split: str, method: str, alpha: float, key: str) -> float:
     vals = [
         r[key]
@@ -569,6 +638,14 @@ def _protocol(
     }
 
 
+def _machine() -> dict[str, Any]:
+    return {
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+
+
 def run_emotion(
     source: Any,
     target: Any,
@@ -615,7 +692,9 @@ def run_emotion(
     with _timed("fit maps", steps):
         maps = fit_maps(source, target, fps, config, store)
     with _timed("transplant", steps):
-        vectors = transplant_vectors(maps, src_vecs, config)
+        nonlinear = config.map_method in STATE_MAP_FAMILIES
+        states = refinement_states(source, prompts, config) if nonlinear else None
+        vectors = transplant_vectors(maps, src_vecs, config, states)
     if config.include_self:
         with _timed("refine self vectors", steps):
             vectors["self"] = refine_self_vectors(target, fps[1], prompts, config, store)
@@ -635,14 +714,14 @@ def run_emotion(
                 target, fps[1], queries, m, vectors[m], [selected[m]], layers, config, store
             )
     summary, cosines = summarize(rows, selected, vectors)
-    confusion = {}
+    confusion: dict[str, Any] = {}
     if config.include_specificity:
-        for m in vectors:
-            with _timed(f"specificity of {m}", steps):
-                confusion[m] = score_confusion(
-                    target, fps[1], queries, vectors[m], selected[m], layers, config, store
-                )
-            summary[m]["specificity"] = confusion[m]["mean"]
+        with _timed("specificity", steps):
+            confusion = score_specificity(
+                target, fps[1], queries, vectors, selected, layers, config, store
+            )
+        for m, c in confusion.items():
+            summary[m]["specificity"] = c["mean"]
     result = {
         "experiment": "emotion transplant (ConTrans paper section 4.1, Fig. 2a)",
         "command": command,
@@ -659,11 +738,7 @@ def run_emotion(
         "seconds": round(time.time() - t0, 1),
         "step_seconds": steps,
         "cache": None if store is None else str(store.folder),
-        "machine": {
-            "platform": platform.platform(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-        },
+        "machine": _machine(),
     }
     write_results(out, result)
     log.info("done in %s s -> %s", result["seconds"], out / "results.md")
