@@ -274,6 +274,7 @@ class StateMap:
     pairing: str
     metrics: dict[int, dict[str, Any]] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    target_resid_norms: dict[int, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.source = as_provenance(self.source, "StateMap.source")
@@ -326,6 +327,7 @@ class StateMap:
             "target": self.target.to_dict(),
             "metrics": {str(k): v for k, v in self.metrics.items()},
             "info": self.info,
+            "target_resid_norms": {str(k): v for k, v in self.target_resid_norms.items()},
         }
         save_artifact(path, tensors, meta)
 
@@ -356,6 +358,9 @@ class StateMap:
             pairing=meta["pairing"],
             metrics={int(k): v for k, v in meta.get("metrics", {}).items()},
             info=meta.get("info", {}),
+            target_resid_norms={
+                int(k): float(v) for k, v in meta.get("target_resid_norms", {}).items()
+            },
         )
 
 
@@ -383,6 +388,7 @@ def transplant_states(
             f"the states cover source layers {sorted(positive)} / {sorted(negative)}, none "
             f"of the map's ({sorted({s for s, _ in state_map.layer_pairs})})"
         )
+    norms = getattr(state_map, "target_resid_norms", {}) or {}
     rows = [
         state_map.map_states(positive[s].float(), t).float().mean(0)
         - state_map.map_states(negative[s].float(), t).float().mean(0)
@@ -400,6 +406,7 @@ def transplant_states(
             "from": "mapped states",
             "n_positive": int(next(iter(positive.values())).shape[0]),
             "n_negative": int(next(iter(negative.values())).shape[0]),
+            "resid_norms": {str(t): float(norms[t]) for _, t in pairs if t in norms},
         },
     )
 
@@ -539,6 +546,7 @@ def fit_state_map(
         method=family,
         pairing=kind,
         metrics=metrics,
+        target_resid_norms={t: float(y[t].norm(dim=-1).mean()) for _, t in pairs},
         info={
             "n_texts_train": len(train),
             "n_texts_heldout": len(held),

@@ -381,3 +381,31 @@ def test_nonlinear_map_families_run_through_the_experiment_and_the_cache(
     _refuse(monkeypatch)  # a repeated run reads the state map back from the cache
     again = run_emotion(small_llama, small_gemma, config, tmp_path / "b", cache=cache)
     assert _numbers(again)["summary"] == _numbers(result)["summary"]
+
+
+@pytest.mark.parametrize("method", ["svd", "anchor"])
+def test_relative_scale_steers_every_method_by_the_layers_norm(
+    small_llama, small_gemma, tmp_path, method
+):
+    settings = {**SMALL, "pairings": ("word_ends",), "include_specificity": False}
+    raw = run_emotion(
+        small_llama,
+        small_gemma,
+        EmotionConfig(**settings, map_method=method),
+        tmp_path / "r",
+        cache=False,
+    )
+    rel = run_emotion(
+        small_llama,
+        small_gemma,
+        EmotionConfig(**settings, map_method=method, scale="relative"),
+        tmp_path / "s",
+        cache=False,
+    )
+    assert rel["protocol"]["scale"] == "relative"
+    pick = lambda r: [  # noqa: E731
+        (x["token_acc"], x["logit_acc"]) for x in r["rows"] if x["method"] != "base"
+    ]
+    assert pick(rel) != pick(raw)  # the norms differ from the vectors' own: other results
+    base = lambda r: [x for x in r["rows"] if x["method"] == "base"]  # noqa: E731
+    assert base(rel) == base(raw)

@@ -115,3 +115,19 @@ def test_fit_state_map_on_tiny_models_round_trips(small_llama, wide_llama, famil
         smap, {1: states}, read_resid_post(small_llama, NEG, [1]).states, concept="joy"
     )
     assert v.layers == (2,) and v.d_model == wide_llama.cfg.d_model
+
+
+def test_state_map_transplant_carries_the_target_norms_for_relative_steering(
+    small_llama, wide_llama
+):
+    smap = fit_state_map(
+        small_llama, wide_llama, TEXTS, family="anchor", layer_pairs=[(1, 2)], n_anchors=8
+    )
+    assert smap.target_resid_norms[2] > 0
+    pos = read_resid_post(small_llama, POS, [1]).states
+    neg = read_resid_post(small_llama, NEG, [1]).states
+    v = transplant_states(smap, pos, neg, concept="joy")
+    assert v.metadata["resid_norms"] == {"2": pytest.approx(smap.target_resid_norms[2])}
+    from contrans_tl.steering import make_steering
+
+    make_steering(wide_llama, v, 0.5, scale="relative")  # would raise without the norms

@@ -90,6 +90,9 @@ EMOTION_MAP_METHODS = (
 )
 #: The map methods that need no rank (what the experiments other than the emotion one take).
 FULL_RANK_MAP_METHODS = ("svd", "ridge", "procrustes", "whitened_procrustes")
+#: Steering scales (:data:`contrans_tl.steering.Scale`).
+#: Steering scales (:data:`contrans_tl.steering.Scale`).
+STEER_SCALES = ("raw", "relative")
 #: Kinds of map-fitting text (:data:`contrans_tl.map_texts.MAP_TEXTS`).
 MAP_TEXT_KINDS = ("wikisplit", "prompts", "mixed")
 """How the residual map is solved."""
@@ -301,6 +304,14 @@ class EmotionConfig:
             choices=MAP_TEXT_KINDS,
         ),
     )
+    scale: str = field(
+        default="raw",
+        metadata=_help(
+            "'raw': add α·v (the paper); 'relative': α times each layer's mean residual "
+            "norm along v/|v| (per-layer norm calibration)",
+            choices=STEER_SCALES,
+        ),
+    )
     include_self: bool = field(
         default=True,
         metadata=_help(
@@ -347,6 +358,7 @@ class EmotionConfig:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         _check_choice("map_texts", self.map_texts, MAP_TEXT_KINDS)
+        _check_choice("scale", self.scale, STEER_SCALES)
         if (self.map_method == "reduced_rank") != (self.map_rank is not None):
             raise ValueError(
                 "map_rank goes with map_method='reduced_rank' and only with it (e.g. "
@@ -676,7 +688,6 @@ def scenario_split(config: AnalysisConfig, *, seed: int) -> "EmotionSplit":
 
 STEER_POSITIONS = ("all", "prompt", "generated")
 """Which tokens a steering adds to (:data:`contrans_tl.steering.StepPositions`)."""
-STEER_SCALES = ("raw", "relative")
 """How α scales a vector (:data:`contrans_tl.steering.Scale`)."""
 READ_POSITIONS = ("last", "all", "word_ends")
 """Which tokens' states a refinement reads (:data:`contrans_tl.activations.Positions`)."""

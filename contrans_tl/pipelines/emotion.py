@@ -70,7 +70,7 @@ from contrans_tl.pipelines.configs import (
 )
 from contrans_tl.sites import check_layers
 from contrans_tl.state_maps import Family, StateMap, fit_state_map, transplant_states
-from contrans_tl.steering import make_steering
+from contrans_tl.steering import Scale, make_steering
 
 __all__ = [
     "EmotionConfig",
@@ -416,6 +416,7 @@ def _predict_all(
         "prefix_ids": task.prefix_ids,
         "emotion_ids": task.emotion_ids,
         "layers": layers,
+        **({} if config.scale == "raw" else {"scale": config.scale}),
         "batch_size": config.batch_size,
         "jobs": {
             name: {
@@ -430,7 +431,11 @@ def _predict_all(
     def compute() -> dict[str, Predictions]:
         out = {}
         for name, (q, v, a) in tqdm(jobs.items(), desc="predicting", leave=False):
-            steering = None if v is None else make_steering(target, v, a, layers=layers)
+            steering = (
+                None
+                if v is None
+                else make_steering(target, v, a, layers=layers, scale=cast(Scale, config.scale))
+            )
             out[name] = task.predict(target, q, intervention=steering, batch_size=config.batch_size)
         return out
 
@@ -630,6 +635,7 @@ def _protocol(
         "steered_layers": "all" if layers is None else list(layers),
         "positions": "all (prefix, query)",
         "alphas": list(config.alphas),
+        "scale": config.scale,
         "alpha_selection": "max mean Token Acc on validation negatives; random_* at the "
         "alpha selected for the matching contrans_*",
         "map_method": config.map_method,
