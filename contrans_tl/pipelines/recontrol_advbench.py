@@ -163,11 +163,12 @@ def _stored_value(
     work: Path,
 ) -> tuple[Any, dict[str, Any]]:
     """Step 1, with the artifact reloaded (and retrained if its file is gone). The artifact
-    (``recontrol_value``, about 1 MB) sits beside the stored steps, so it is committed
+    (``recontrol_value_function``, about 1 MB; not ``recontrol_value``, the step's own
+    JSON) sits beside the stored steps, so it is committed
     with them and a later run elsewhere resumes without the rollouts."""
     from contrans_tl.recontrol import load_value_function
 
-    artifact = store.folder / "recontrol_value"
+    artifact = store.folder / "recontrol_value_function"
 
     def train() -> dict[str, Any]:
         return refusal_value(donor, recipient, data, config, work, artifact)[1]

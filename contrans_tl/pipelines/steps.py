@@ -100,11 +100,23 @@ class StepStore:
     def path(self, name: str) -> Path:
         return self.folder / f"{name}.json"
 
+    def _check_not_an_artifact(self, name: str) -> None:
+        """A step's JSON would overwrite an artifact's JSON of the same name (the artifact
+        then no longer loads): refuse, naming both."""
+        path = self.path(name)
+        if path.is_file() and "tensors_sha256" in json.loads(path.read_text()):
+            raise ValueError(
+                f"step {name!r} would overwrite the JSON of the artifact {path.with_suffix('')} "
+                "(a .safetensors + .json pair): give the step or the artifact another name"
+            )
+
     def get(self, name: str, inputs: Mapping[str, Any]) -> Any:
         path = self.path(name)
         if not path.is_file():
             return None
         data = json.loads(path.read_text())
+        if "tensors_sha256" in data:  # an artifact's JSON, not a stored step
+            self._check_not_an_artifact(name)
         wanted = json.loads(json.dumps({"version": STEP_VERSION, **inputs}))
         if not same_inputs(data.get("inputs"), wanted):
             where = first_difference(data.get("inputs"), wanted)
@@ -123,6 +135,7 @@ class StepStore:
         result = compute()
         seconds = time.perf_counter() - start
         _log.info("%s: done in %.0f s", name, seconds)
+        self._check_not_an_artifact(name)  # e.g. compute() saved one under the step's name
         write_json(
             self.path(name),
             {
