@@ -158,6 +158,13 @@ def test_report_pairs_arms_with_base_and_checks_the_goal(tmp_path):
     assert "**not met**: at most 2× ConTrans's time per token" in text
     assert "met: RE-Control + ConTrans beats both alone: 10.0%" in text
     assert "Not run yet: Self-Align" in text
+    assert "(each arm's own run): 0.0300 vs 0.0110 s" in text
+    # measured side by side, the timing step decides the time criterion
+    timing = {a: {"seconds_per_token": x} for a, x in (("contrans", 0.02), ("recontrol", 0.03))}
+    write_json(tmp_path / "timing.json", {"inputs": {}, "result": timing})
+    text = "\n".join(render_report(tmp_path))
+    assert "- met: at most 2× ConTrans's time per token (side by side): 0.0300 vs 0.0200 s" in text
+    assert "measured side by side" in text and "RE-Control 0.0300" in text
 
 
 def test_value_settings_leave_out_the_control_settings():

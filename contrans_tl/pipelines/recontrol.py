@@ -397,7 +397,34 @@ def run(config: ReControlConfig, out: Path, work: Path) -> dict[str, Any]:
     arms["best_of_n"] = store.get_or_compute(
         "arm_best_of_n", {**uncontrolled, "arm": "best_of_n"}, bon
     )
-    return {"value": value_report, "choice": choice, "arms": arms}
+    timing = store.get_or_compute(
+        "timing",
+        {**inputs, "pick": pick, "arms": TIMED_ARMS, "n_timing": TIMING_PROMPTS},
+        lambda: _time_side_by_side(target, treatments, data, config),
+    )
+    return {"value": value_report, "choice": choice, "arms": arms, "timing": timing}
+
+
+#: The arms whose time per token the ``timing`` step measures side by side, and on how
+#: many evaluation prompts (a constant, not a config field: the arms' keys hold the config).
+TIMED_ARMS = ["base", "contrans", "recontrol", "recontrol_contrans"]
+TIMING_PROMPTS = 32
+
+
+def _time_side_by_side(
+    model: Any, treatments: Mapping[str, Any], data: ReControlData, config: ReControlConfig
+) -> dict[str, dict[str, float]]:
+    """Seconds per generated token of the timed arms in one process, interleaved (the
+    arms' own timings ran minutes apart, under whatever else the machine was doing)."""
+    from contrans_tl.pipelines.recontrol_advbench import time_arms
+
+    prompts = _contexts(model, data.evaluation[:TIMING_PROMPTS])
+    return time_arms(
+        {a: (model, treatments[a]) for a in TIMED_ARMS},
+        prompts,
+        max_new_tokens=config.max_new_tokens,
+        batch_size=config.batch_size,
+    )
 
 
 #: Arms in report order, with their labels.
@@ -476,7 +503,17 @@ def render_report(folder: str | Path) -> list[str]:
             f"{choice['base_ppl_validation']:.1f}): {sweep}; picked n={pick['n_steps']}, "
             f"η={pick['step_size']:g}.",
         ]
-    return lines + _recontrol_goal(arms)
+    timing = stored_result(folder, "timing")
+    if timing is not None:
+        cells = ", ".join(
+            f"{ARM_LABELS[a]} {r['seconds_per_token']:.4f}" for a, r in timing.items()
+        )
+        lines += [
+            "",
+            f"Seconds per generated token measured side by side (one process, the arms "
+            f"interleaved over two rounds, the faster round kept): {cells}.",
+        ]
+    return lines + _recontrol_goal(arms, timing)
 
 
 def _best_of_k_lines(arms: Mapping[str, Any]) -> list[str]:
@@ -498,14 +535,19 @@ def _best_of_k_lines(arms: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def _recontrol_goal(arms: Mapping[str, Any]) -> list[str]:
-    """Issue 16's goal on Gemma, checked on the stored arms."""
+def _recontrol_goal(arms: Mapping[str, Any], timing: Mapping[str, Any] | None) -> list[str]:
+    """Issue 16's goal on Gemma, checked on the stored arms (time per token from the
+    side-by-side ``timing`` step where it is stored)."""
     need = ("base", "contrans", "recontrol", "recontrol_contrans")
     if not all(a in arms for a in need):
         return []
     ct, rc = arms["contrans"], arms["recontrol"]
     tox = {a: arms[a]["toxic_share_judge"] for a in need}
     spt = (rc.get("seconds_per_token"), ct.get("seconds_per_token"))
+    when = "each arm's own run"
+    if timing:  # measured side by side: the fair comparison
+        spt = (timing["recontrol"]["seconds_per_token"], timing["contrans"]["seconds_per_token"])
+        when = "side by side"
     checks = [
         (
             f"RE-Control lowers the judge's toxic share at least as much as ConTrans: "
@@ -518,7 +560,7 @@ def _recontrol_goal(arms: Mapping[str, Any]) -> list[str]:
             rc["ppl"] <= ct["ppl"],
         ),
         (
-            f"at most 2× ConTrans's time per token: {spt[0]:.4f} vs {spt[1]:.4f} s",
+            f"at most 2× ConTrans's time per token ({when}): {spt[0]:.4f} vs {spt[1]:.4f} s",
             spt[0] <= 2 * spt[1],
         ),
         (
