@@ -385,7 +385,11 @@ class ValueControl(CountedIntervention):
     each edit is computed once, when its position is the newest, and kept: a pass without
     a cache (rerunning the whole sequence) adds the kept edits at the earlier positions
     again, so cached and uncached generation see the same states. A pass whose tokens are
-    all prompt starts a new sequence and forgets the kept edits.
+    all prompt starts a new sequence and forgets the kept edits; so does a pass that starts
+    inside the prompt (teacher-forced answers after a cached context, as TruthfulQA's
+    scoring runs them), whose answer positions are all edited at once. That equals editing
+    them one by one: an edit at one hook point changes no state at that hook point at
+    another position, only later layers (or, at the final state, nothing but the logits).
 
     Args:
         model: the model to control.
@@ -437,6 +441,7 @@ class ValueControl(CountedIntervention):
         self.metadata = dict(metadata or {})
         self.state = PositionState()
         self._edits: list[Tensor] = []  # edits of positions prompt_length-1, prompt_length, ...
+        self._last: Tensor | None = None  # unedited states of the last pass from position 0
         self._context: Any = None
         self.seconds = 0.0  # time spent in control steps (for time-per-token reports)
         self._norms = [0.0, 0]  # sum and count of the edit norms at generated positions
@@ -455,7 +460,8 @@ class ValueControl(CountedIntervention):
 
     @property
     def mean_edit_norm(self) -> float:
-        """Mean norm of the edits made at generated positions so far (NaN before any): how
+        """Mean norm of the edits made after a prompt so far (generated or teacher-forced
+        answer positions; NaN before any): how
         far the control moved the states, to compare with their own norm."""
         total, count = self._norms
         return total / count if count else float("nan")
@@ -486,34 +492,64 @@ class ValueControl(CountedIntervention):
             flat = x.reshape(-1, x.shape[-1])
             return x + self.edit(flat).reshape(x.shape).to(x.dtype)
         first = st.prompt_length - 1  # the position that chooses the first generated token
-        if st.offset == 0 and seq <= st.prompt_length:
-            self._edits = []
         end = st.offset + seq  # absolute positions offset .. end-1 are in this pass
+        if self._starts_a_sequence(x, first, end):
+            self._edits = []
+        known = first + len(self._edits)  # positions first .. known-1 have kept edits
+        if st.offset > known:
+            raise RuntimeError(
+                f"ValueControl saw positions from {st.offset} but kept edits only up to "
+                f"{known - 1}: passes must go through contrans_tl.forward.Forward (as "
+                "generate() does), which tells the hooks where tokens are"
+            )
         x = x.clone()
         self._replay(x, first)
-        k = end - 1 - first  # the newest position, counted from the first controlled one
-        if k < 0:
-            return x
-        if k > len(self._edits):
-            raise RuntimeError(
-                f"ValueControl saw position {end - 1} but kept edits only up to "
-                f"{first + len(self._edits) - 1}: passes must go through contrans_tl.forward."
-                "Forward (as generate() does), which tells the hooks where tokens are"
-            )
-        if k == len(self._edits):
-            d = self.edit(x[:, -1])
-            self._edits.append(d)
+        lo = max(known, st.offset)
+        if end > lo:  # new positions: one when decoding, all answer tokens when scoring
+            new = x[:, lo - st.offset :]
+            d = self.edit(new.reshape(-1, new.shape[-1])).reshape(new.shape)
+            self._edits += list(d.unbind(1))
             self._norms[0] += float(d.float().norm(dim=-1).sum())
-            self._norms[1] += int(d.shape[0])
-        x[:, -1] += self._edits[k].to(x.dtype)
+            self._norms[1] += int(d.shape[0] * d.shape[1])
+            x[:, lo - st.offset :] += d.to(x.dtype)
         return x
 
+    def _starts_a_sequence(self, x: Tensor, first: int, end: int) -> bool:
+        """Whether this pass begins a new sequence, so the kept edits are forgotten: it
+        starts inside the prompt after a cache (teacher-forced answers, as TruthfulQA's
+        scoring runs them), or at position 0 without being a cacheless rerun of the
+        previous pass plus one token (recognised by its states: at this hook point they
+        are the previous pass's states, unedited, with one more position)."""
+        offset, last = self.state.offset, self._last
+        if offset == 0:
+            self._last = x.detach().clone()
+        if 0 < offset <= first:
+            return True
+        if offset > 0:
+            return False
+        if not (
+            self._edits
+            and last is not None
+            and end == first + len(self._edits) + 1
+            and last.shape[0] == x.shape[0]
+            and last.shape[1] == x.shape[1] - 1
+        ):
+            return True
+        mask = self.state.attention_mask  # padding states are not compared (they vary)
+        real = (
+            torch.ones(last.shape[:2], dtype=torch.bool, device=x.device)
+            if mask is None
+            else mask[:, : last.shape[1]].bool().to(x.device)
+        )
+        return not torch.allclose(last[real], x[:, :-1][real], rtol=1e-4, atol=1e-5)
+
     def _replay(self, x: Tensor, first: int) -> None:
-        """Add the kept edits at the earlier positions a pass without a cache reruns."""
+        """Add the kept edits at the earlier positions this pass holds (a pass without a
+        cache reruns them)."""
         offset, seq = self.state.offset, int(x.shape[1])
         for k, d in enumerate(self._edits):
             col = first + k - offset
-            if 0 <= col < seq - 1:
+            if 0 <= col < seq:
                 x[:, col] += d.to(x.dtype)
 
     def _apply(self) -> None:
@@ -523,6 +559,6 @@ class ValueControl(CountedIntervention):
 
     def _undo(self) -> None:
         context, self._context = self._context, None
-        self._edits = []
+        self._edits, self._last = [], None
         if context is not None:
             context.__exit__(None, None, None)

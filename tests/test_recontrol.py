@@ -355,3 +355,26 @@ def test_mean_edit_norm_counts_the_generated_positions_only(small_llama):
     # a long walk under the bound: every edit ends on it
     assert control.mean_edit_norm == pytest.approx(0.25, rel=1e-3)
     assert control._norms[1] == len(PROMPTS) * 5  # one edit per generated token
+
+
+@pytest.mark.parametrize("hook", list(STEP))
+def test_control_under_teacher_forced_answer_scoring(small_llama, hook):
+    """TruthfulQA-style scoring (a cached context, then all answer tokens in one pass)
+    under control: the shared-prefix path equals the one-at-a-time reference, and equals
+    the log-probabilities of generating the answer token by token under control."""
+    from contrans_tl.evals.truthfulqa import score_many
+
+    torch.manual_seed(5)
+    net = ValueNetwork(48, (16,))
+    control = ValueControl(small_llama, net, n_steps=3, step_size=STEP[hook], hook=hook)
+    tok = small_llama.tokenizer
+    items = [
+        (tok(q)["input_ids"], [tok(a, add_special_tokens=False)["input_ids"] for a in answers])
+        for q, answers in [("Q: Is the sky blue? A:", [" yes", " no it is not"]), ("Hi", [" x y"])]
+    ]
+    fast = score_many(small_llama, items, intervention=control, batch_size=2)
+    slow = score_many(small_llama, items, intervention=control, reuse_prefix=False)
+    plain = score_many(small_llama, items)
+    for f, s, p in zip(fast, slow, plain):
+        assert f == pytest.approx(s, abs=1e-4)
+        assert f != pytest.approx(p, abs=1e-4)  # the control acts
