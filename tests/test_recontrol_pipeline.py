@@ -84,7 +84,7 @@ def test_best_of_n_keeps_the_sample_the_reward_likes_best(small_llama):
         for k in (1, 2):  # best of the first k samples, ties to the first
             first = options[:k]
             assert picked[k][i] == max(first, key=len)
-    assert info["n"] == 3 and info["generated_tokens"] > 0
+    assert info["best_of"] == 3 and info["generated_tokens"] > 0
 
 
 def test_choose_control_follows_its_rule(small_llama):

@@ -171,7 +171,7 @@ def best_of_n(
     for k in range(1, config.best_of_n + 1):
         picked[k] = [max(samples[i][:k], key=lambda rt: rt[0])[1] for i in range(len(prompts))]
     n_tokens = sum(len(ids) for _, ids in conts)
-    info = {"n": config.best_of_n, "seconds": seconds, "generated_tokens": n_tokens}
+    info = {"best_of": config.best_of_n, "seconds": seconds, "generated_tokens": n_tokens}
     return picked, info
 
 
