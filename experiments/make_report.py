@@ -586,6 +586,7 @@ def main() -> None:
     lines += analysis_section()
     lines += ["", *dapa_section(RESULTS / "dapa")]
     lines += ["", *recontrol_section(RESULTS / "recontrol")]
+    lines += ["", *maps_section(RESULTS / "maps")]
     Path(args.out).write_text("\n".join(lines).rstrip() + "\n")
     print(f"wrote {args.out}")
 
@@ -625,6 +626,21 @@ def recontrol_section(folder: Path) -> list[str]:
     from contrans_tl.pipelines.recontrol import render_report
 
     return head + render_report(folder)
+
+
+def maps_section(folder: Path) -> list[str]:
+    """Map family × fitting text on SmolLM2 → Gemma (issue 17): run_maps.py's own table."""
+    head = ["## Maps that carry the concept (issue 17; `python experiments/run_maps.py`)", ""]
+    if not (folder / "maps.md").is_file():
+        return head + ["Not run."]
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("run_maps", HERE / "run_maps.py")
+    assert spec is not None and spec.loader is not None
+    run_maps = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_maps)
+    run_maps.OUT = folder
+    return head + run_maps.report().splitlines()[2:]  # its own title dropped
 
 
 if __name__ == "__main__":

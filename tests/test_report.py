@@ -144,3 +144,13 @@ def test_layer_match_comparison_rows(report_module, tmp_path, monkeypatch):
         in text
     )
     assert "self" not in text.split("**Layer matching")[1]  # transplanted rows only
+
+
+def test_maps_section_is_run_maps_own_table(report_module, tmp_path):
+    assert report_module.maps_section(tmp_path)[-1] == "Not run."
+    (tmp_path / "maps.md").write_text("stale text that the section does not copy\n")
+    out = report_module.maps_section(tmp_path)
+    assert out[0].startswith("## Maps that carry the concept")
+    assert "stale text" not in "\n".join(out)
+    assert any(line.startswith("| variant | R² own |") for line in out)
+    assert out[-1].startswith("Not run yet: svd-wikisplit")  # no stored variant here
