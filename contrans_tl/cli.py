@@ -673,6 +673,26 @@ def _fetch(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     return 0
 
 
+def _export_gguf(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
+    if not args.out.endswith(".gguf"):
+        raise _UsageError(f"--out {args.out!r}: give the .gguf file to write, e.g. fear.gguf")
+    _check_out(str(Path(args.out).expanduser().parent), name="--out's folder")
+    vector = _load_artifact("contrans_tl.concepts.ConceptVector", args.vector, "--vector")
+    try:
+        path = vector.to_gguf(
+            Path(args.out).expanduser(), alpha=args.alpha, drop_layer_0=args.drop_layer_0
+        )
+    except ValueError as e:
+        raise _UsageError(f"--vector {args.vector!r}: {_one_line(str(e))}") from None
+    kept = [k for k in vector.layers if k != 0]
+    print(
+        f"{path}: llama.cpp control vector {vector.concept!r} (x{args.alpha:g}) for "
+        f"{vector.model.model_id}, direction.{kept[0]}..direction.{kept[-1]} "
+        f"({len(kept)} layers)"
+    )
+    return 0
+
+
 def _report(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     from contrans_tl.pipelines.report import render_report
 
@@ -720,6 +740,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace, Sequence[str] | Non
     "analyze": ("figures and summary of one emotion transplant", _analyze),
     "dapa": ("DAPA vs ConTrans on an aligned model and its harmful fine-tune", _dapa),
     "recontrol": ("RE-Control on ToxiGen next to ConTrans and best-of-N", _recontrol),
+    "export-gguf": ("write a vector as a llama.cpp control vector (.gguf)", _export_gguf),
     "report": ("show (and re-render) the results of earlier runs", _report),
     "fetch": ("prepare offline-zoo models (install, join, verify, cache)", _fetch),
 }
@@ -801,6 +822,15 @@ def _add_experiment_io(name: str, p: argparse.ArgumentParser) -> None:
             help="rollouts and the value artifact (default: under ~/.cache/contrans_tl)",
         )
         add_config_options(p, ReControlConfig)
+    elif name == "export-gguf":
+        p.add_argument("--vector", required=True, metavar="NAME", help="a saved ConceptVector")
+        p.add_argument("--out", required=True, metavar="FILE.gguf", help="the file to write")
+        p.add_argument("--alpha", type=float, default=1.0, help="strength baked in (default: 1)")
+        p.add_argument(
+            "--drop-layer-0",
+            action="store_true",
+            help="leave out the layer-0 row (llama.cpp cannot steer block 0's output)",
+        )
     elif name == "report":
         p.add_argument("paths", nargs="+", metavar="PATH", help="run folders or results .json")
         p.add_argument("--no-write", action="store_true", help="only print; write no .md")
@@ -853,7 +883,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, set[str]]:
             formatter_class=argparse.HelpFormatter,
         )
         _add_io(name, c)
-        _add_common(c, models=name not in ("transplant", "report"))
+        _add_common(c, models=name not in ("transplant", "report", "export-gguf"))
         values |= c.value_options
     return p, values
 

@@ -20,6 +20,7 @@ import dataclasses
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -126,6 +127,39 @@ class ConceptVector:
             "metadata": self.metadata,
         }
         save_artifact(path, {"vectors": self.vectors.float()}, meta)
+
+    def to_gguf(
+        self, path: str | os.PathLike[str], *, alpha: float = 1.0, drop_layer_0: bool = False
+    ) -> Path:
+        """Write ``alpha · self`` as a llama.cpp control vector (``--control-vector``).
+
+        ``direction.N`` is the row of layer ``N`` (block ``N``'s output, as in llama.cpp
+        and repeng); llama.cpp cannot steer block 0, so a layer-0 row is refused unless
+        ``drop_layer_0``. See :func:`contrans_tl.gguf_vectors.write_control_vector`.
+
+        Example:
+            >>> v.select(v.layers[1:]).to_gguf("happiness.gguf")
+            PosixPath('happiness.gguf')
+        """
+        from contrans_tl.gguf_vectors import write_control_vector
+
+        return write_control_vector(self, path, alpha=alpha, drop_layer_0=drop_layer_0)
+
+    @classmethod
+    def from_gguf(
+        cls, path: str | os.PathLike[str], model: Any, *, strict: bool = True
+    ) -> "ConceptVector":
+        """Read a llama.cpp control vector (ours or repeng's) as a vector of ``model``.
+
+        Refuses a file whose layers or width do not fit ``model``. See
+        :func:`contrans_tl.gguf_vectors.read_control_vector`.
+
+        Example:
+            >>> v = ConceptVector.from_gguf("happiness.gguf", model)
+        """
+        from contrans_tl.gguf_vectors import read_control_vector
+
+        return read_control_vector(path, model, strict=strict)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "ConceptVector":

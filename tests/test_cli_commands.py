@@ -32,6 +32,7 @@ CONFIGS = {
     "recontrol": [configs.ReControlConfig],
     "report": [],
     "fetch": [],
+    "export-gguf": [],
 }
 IO = {
     "refine": {"model", "out", "emotion", "positive", "negative", "concept"},
@@ -45,6 +46,7 @@ IO = {
     "recontrol": {"out", "work"},
     "report": {"paths", "no_write"},
     "fetch": {"names", "tokenizer_only"},
+    "export-gguf": {"vector", "out", "alpha", "drop_layer_0"},
 }
 COMMON = {"device", "dtype", "quiet", "help"}
 
