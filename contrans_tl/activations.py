@@ -49,6 +49,13 @@ class ResidReads:
         text_index: ``[n_states]`` index of the text each row comes from.
         token_index: ``[n_states]`` token position of each row within its text's encoding.
         word_index: ``[n_states]`` word index for ``word_ends`` reads, -1 otherwise.
+
+    Example:
+        >>> reads = read_resid_post(model, ["The cat sat.", "A dog ran."], [3, 7], positions="all")
+        >>> reads.layers
+        (3, 7)
+        >>> reads.states[7].shape[1] == model.cfg.d_model  # one row per token, texts in order
+        True
     """
 
     layers: tuple[int, ...]

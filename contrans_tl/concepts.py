@@ -51,6 +51,13 @@ class ConceptVector:
         hook_template: the hook point the vectors belong to.
         metadata: anything else worth keeping (counts, prompt template, the source vector
             and map for a transplanted vector, mean residual norms per layer).
+
+    Example:
+        >>> v = mean_difference(model, positive, negative, concept="fear")  # smollm2-135m-instruct
+        >>> v.layers[:3], v[12].shape
+        ((0, 1, 2), torch.Size([576]))
+        >>> v.save("vectors/fear")                    # fear.safetensors + fear.json
+        >>> ConceptVector.load("vectors/fear").select([10, 11, 12]).norms()  # {layer: |v_k|}
     """
 
     vectors: Float[Tensor, "n_vector_layers d_model"]
@@ -211,6 +218,12 @@ def mean_difference(
 
     Returns:
         A :class:`ConceptVector` for ``model``.
+
+    Example:
+        >>> v = mean_difference(model, positive=["I won the prize!", "What a lovely day."],
+        ...                     negative=["I lost my keys.", "A grey day."], concept="happiness")
+        >>> v.layers == tuple(range(model.cfg.n_layers)), v.method
+        (True, 'mean_difference')
     """
     check_texts(positive, "positive")
     check_texts(negative, "negative")

@@ -45,6 +45,10 @@ def wikisplit_sentences(n: int | None = None, *, subset: str = "random2000_seed0
         n: keep the first ``n`` (``None``: all 2,000).
         subset: ``"random2000_seed0"`` (uniform sample, the default) or ``"first2000"``
             (alphabetically sorted upstream; biased toward A..In).
+
+    Example:
+        >>> len(wikisplit_sentences(5)), len(wikisplit_sentences())
+        (5, 2000)
     """
     path = data_dir() / "wikisplit" / f"validation_{subset}.tsv"
     if not path.exists():
@@ -59,7 +63,13 @@ def wikisplit_sentences(n: int | None = None, *, subset: str = "random2000_seed0
 
 
 def emotion_scenarios() -> dict[str, list[str]]:
-    """RepE scenarios for the six primary emotions, de-duplicated in file order."""
+    """RepE scenarios for the six primary emotions, de-duplicated in file order.
+
+    Example:
+        >>> scenarios = emotion_scenarios()
+        >>> list(scenarios)
+        ['happiness', 'sadness', 'anger', 'fear', 'disgust', 'surprise']
+    """
     base = data_dir() / "repe_emotions"
     out = {}
     for e in EMOTIONS:

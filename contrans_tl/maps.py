@@ -512,6 +512,13 @@ class ResidualMap:
             pairing, ``r2_last``/``cosine_last`` at last tokens, counts.
         target_resid_norms: ``{target_layer: mean ‖h_tgt‖}`` over the training pairs.
         info: texts used, ridge, anything else recorded at fit time.
+
+    Example:
+        >>> rmap = fit_residual_map(source, target, wikisplit_sentences(500), pairing="word_ends")
+        >>> rmap.layer_pairs[:3]           # smollm2 (30 blocks) -> gemma-3 (18): by depth
+        [(1, 0), (2, 1), (4, 2)]
+        >>> v_tgt = rmap.transplant(v)                # Eq. 3: v F, a ConceptVector of the target
+        >>> rmap.save("maps/smol_gemma")              # and ResidualMap.load("maps/smol_gemma")
     """
 
     layer_pairs: list[tuple[int, int]]
@@ -699,6 +706,10 @@ def fit_residual_map(
 
     Returns:
         A :class:`ResidualMap` with held-out metrics per target layer.
+
+    Example:
+        >>> rmap = fit_residual_map(source, target, wikisplit_sentences(500), method="ridge")
+        >>> rmap.metrics[17]["r2"], rmap.metrics[17]["r2_last"]  # held out: own pairs, last tokens
     """
     check_texts(texts)
     _check_fit_settings(heldout_fraction, method, ridge, batch_size, max_length)

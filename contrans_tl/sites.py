@@ -35,7 +35,12 @@ RESID_POST = "blocks.{layer}.hook_resid_post"
 
 
 def resid_post_name(layer: int) -> str:
-    """The TransformerLens hook name of the residual stream after block ``layer``."""
+    """The TransformerLens hook name of the residual stream after block ``layer``.
+
+    Example:
+        >>> resid_post_name(3)
+        'blocks.3.hook_resid_post'
+    """
     return RESID_POST.format(layer=layer)
 
 
@@ -106,6 +111,10 @@ def match_layers_by_depth(n_source: int, n_target: int) -> list[tuple[int, int]]
 
     Returns:
         ``[(source_layer, target_layer), ...]`` for every target layer, ascending.
+
+    Example:
+        >>> match_layers_by_depth(4, 6)
+        [(0, 0), (0, 1), (1, 2), (2, 3), (2, 4), (3, 5)]
     """
     if n_source < 1 or n_target < 1:
         raise ValueError(f"layer counts must be positive, got {n_source} and {n_target}")

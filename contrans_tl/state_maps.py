@@ -264,7 +264,15 @@ class StateMap:
     """Frozen per-layer maps of one family (``"mlp"`` or ``"anchor"``), in the shape of a
     :class:`~contrans_tl.maps.ResidualMap`: ``layer_pairs``, ``map_states``, provenance,
     held-out ``metrics`` per target layer. No :meth:`transplant` of a vector: use
-    :func:`transplant_states`."""
+    :func:`transplant_states`.
+
+    Example:
+        >>> smap = fit_state_map(source, target, texts, family="mlp", pairing="word_ends")
+        >>> smap.metrics[17]["r2_last"]               # held-out R² at last tokens, target layer 17
+        >>> smap.save("maps/smol_gemma_mlp")
+        >>> StateMap.load("maps/smol_gemma_mlp").family
+        'mlp'
+    """
 
     layer_pairs: list[tuple[int, int]]
     layers: dict[int, nn.Module]
@@ -381,6 +389,12 @@ def transplant_states(
 
     Raises:
         ValueError: no source layer of the map is in both ``positive`` and ``negative``.
+
+    Example:
+        >>> layers = sorted({s for s, _ in smap.layer_pairs})
+        >>> pos = read_resid_post(source, positive, layers).states    # last-token states
+        >>> neg = read_resid_post(source, negative, layers).states
+        >>> v_tgt = transplant_states(smap, pos, neg, concept="fear")  # v F if linear
     """
     pairs = [(s, t) for s, t in state_map.layer_pairs if s in positive and s in negative]
     if not pairs:
@@ -486,6 +500,10 @@ def fit_state_map(
     Returns:
         A :class:`StateMap` with ``metrics[t] = {"r2", "r2_last", "n", "n_last", ...}`` on
         the held-out texts (``r2_last``: at last tokens, where vectors are read).
+
+    Example:
+        >>> smap = fit_state_map(source, target, fitting_texts("mixed", 2000), family="anchor")
+        >>> v_tgt = transplant_states(smap, pos_states, neg_states, concept="fear")
     """
     check_texts(texts)
     if family not in FAMILIES:

@@ -185,6 +185,12 @@ class Steering:
         additions: ``{layer: α·v_layer}`` (summed over vectors), float32.
         positions: which tokens get the additions.
         state: the :class:`PositionState` shared by this steering's hooks.
+
+    Example:
+        >>> steering = make_steering(target, v_tgt, 1.0)
+        >>> with steering:                            # hooks on inside the block only
+        ...     logits = target("Today I feel")
+        >>> logits = target.run_with_hooks("Today I feel", fwd_hooks=steering.hooks())
     """
 
     def __init__(
@@ -345,6 +351,11 @@ def make_steering(
         ValueError: a vector does not fit the model, a requested layer has no vector,
             lengths of ``vectors`` and ``alpha`` differ, ``alpha`` or a vector is not
             finite, or ``scale`` is unknown.
+
+    Example:
+        >>> steering = make_steering(target, [honesty, fairness], [1.0, 0.5], layers=[4, 5, 6])
+        >>> with steering:
+        ...     out = generate(target, ["Is it true that"], max_new_tokens=16)
     """
     vecs = [vectors] if isinstance(vectors, ConceptVector) else list(vectors)
     bad = [type(v).__name__ for v in vecs if not isinstance(v, ConceptVector)]
@@ -436,6 +447,10 @@ def steer(
     """Context manager: the model is steered inside the block, and not after it.
 
     Takes the arguments of :func:`make_steering`.
+
+    Example:
+        >>> with steer(target, v_tgt, 2.0, layers=[4, 5, 6], positions="generated"):
+        ...     texts = generate(target, ["Today I feel"])
     """
     steering = make_steering(model, vectors, alpha, **kwargs)
     with steering:
@@ -448,7 +463,11 @@ def steering_hooks(
     alpha: float | Sequence[float] = 1.0,
     **kwargs: Any,
 ) -> list[tuple[str, Callable[..., Tensor]]]:
-    """``fwd_hooks`` for ``model.run_with_hooks``; arguments of :func:`make_steering`."""
+    """``fwd_hooks`` for ``model.run_with_hooks``; arguments of :func:`make_steering`.
+
+    Example:
+        >>> logits = target.run_with_hooks(tokens, fwd_hooks=steering_hooks(target, v_tgt, 1.0))
+    """
     return make_steering(model, vectors, alpha, **kwargs).hooks()
 
 
@@ -492,6 +511,12 @@ def generate(
         TypeError: ``prompts`` is one string rather than a list of them.
         ValueError: ``intervention`` was made for another model, or a prompt plus
             ``max_new_tokens`` does not fit the model's context (``cfg.n_ctx``).
+
+    Example:
+        >>> texts = generate(target, ["Today I feel", "The weather is"], max_new_tokens=8)
+        >>> len(texts)
+        2
+        >>> steered = generate(target, ["Today I feel"], intervention=make_steering(target, v, 2.0))
     """
     check_texts(prompts, "prompts")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
