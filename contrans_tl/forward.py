@@ -5,10 +5,11 @@
   indices, so a batch wastes little compute on padding.
 * :func:`forward_until`: a pass with capture hooks that stops right after a chosen hook
   point (the deepest one a read needs), so later blocks and the unembedding never run.
-* :func:`logits_at` and :func:`token_logprobs`: logits (or the log-probabilities of
-  given tokens) only at chosen positions. The pass stops at the final norm and only those
-  rows are unembedded, then given the model's output transform (:func:`head_logits`:
-  e.g. Gemma 2's final logit soft-cap), so they equal the model's own logits there.
+* :func:`logits_at`, :func:`token_logprobs` and :func:`target_scores`: logits (or the
+  log-probabilities of given tokens, and whether each is the argmax) only at chosen
+  positions. The pass stops at the final norm and only those rows are unembedded, then
+  given the model's output transform (:func:`head_logits`: e.g. Gemma 2's final logit
+  soft-cap), so they equal the model's own logits there.
 * :func:`prefill_cache` and :func:`repeat_cache`: a shared prefix's KV cache, computed
   once without logits and repeated for every row of a batch.
 * :class:`Forward`: the only code that tells position-aware hooks (a steering's) where
@@ -28,7 +29,7 @@ Example:
 
 import contextlib
 import copy
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -48,6 +49,7 @@ __all__ = [
     "forward_until",
     "head_logits",
     "logits_at",
+    "target_scores",
     "token_logprobs",
     "prefill_cache",
     "repeat_cache",
@@ -303,21 +305,49 @@ def token_logprobs(
         >>> at[:, -1] = False                      # the last token predicts nothing
         >>> nll = -token_logprobs(model, ids, mask, at, ids.roll(-1, dims=1)).sum()
     """
+    return target_scores(model, ids, mask, at, targets, **kwargs)[0]
+
+
+def target_scores(
+    model: Any,
+    ids: Int[Tensor, "batch pos"],
+    mask: Tensor | None,
+    at: Bool[Tensor, "batch pos"],
+    targets: Int[Tensor, "batch pos"],
+    **kwargs: Any,
+) -> tuple[Float[Tensor, " n"], Bool[Tensor, " n"]]:
+    """:func:`token_logprobs`, and whether each target is the greedy (argmax) token.
+
+    Returns:
+        ``(logprobs, is_greedy)``, each ``[n]`` in row-major order of ``at``; a target
+        tied with another token for the top logit counts as greedy.
+
+    Example:
+        >>> lp, top = target_scores(model, ids, mask, at, ids.roll(-1, dims=1))
+        >>> bool(top.all())                        # is the text the greedy continuation?
+    """
     device = model_device(model)
     wanted = targets.to(device)[at.to(device)]
     states = _states_at(model, ids, mask, at, **kwargs)
+    chunks: Iterable[Tensor]
     if states is None:
-        logits = _call(model, ids, mask, **kwargs)[at.to(device)].float()
+        chunks = [_call(model, ids, mask, **kwargs)[at.to(device)].float()]
+    else:
+        chunks = (
+            head_logits(model, states[None, lo : lo + _UNEMBED_ROWS])[0].float()
+            for lo in range(0, states.shape[0], _UNEMBED_ROWS)
+        )
+    lps, tops = [], []
+    lo = 0
+    for logits in chunks:
+        want = wanted[lo : lo + logits.shape[0], None].to(logits.device)
+        lo += logits.shape[0]
         lp = torch.log_softmax(logits, dim=-1)
-        return lp.gather(-1, wanted[:, None].to(lp.device))[:, 0]
-    parts = []
-    for lo in range(0, states.shape[0], _UNEMBED_ROWS):
-        logits = head_logits(model, states[None, lo : lo + _UNEMBED_ROWS])[0].float()
-        lp = torch.log_softmax(logits, dim=-1)
-        parts.append(lp.gather(-1, wanted[lo : lo + _UNEMBED_ROWS, None].to(lp.device))[:, 0])
-    if not parts:
-        return torch.empty(0, device=device)
-    return torch.cat(parts)
+        lps.append(lp.gather(-1, want)[:, 0])
+        tops.append(logits.gather(-1, want)[:, 0] >= logits.max(dim=-1).values)
+    if not lps:
+        return torch.empty(0, device=device), torch.empty(0, dtype=torch.bool, device=device)
+    return torch.cat(lps), torch.cat(tops)
 
 
 def prefill_cache(
@@ -488,6 +518,21 @@ class Forward:
         """:func:`token_logprobs` with the positions told (arguments as in :meth:`run`)."""
         mask = self._tell(mask, offset, prompt_length)
         return token_logprobs(self.model, ids, mask, at, targets, **kwargs)
+
+    def target_scores(
+        self,
+        ids: Int[Tensor, "batch pos"],
+        mask: Tensor | None,
+        at: Bool[Tensor, "batch pos"],
+        targets: Int[Tensor, "batch pos"],
+        *,
+        offset: int = 0,
+        prompt_length: int | None = None,
+        **kwargs: Any,
+    ) -> tuple[Float[Tensor, " n"], Bool[Tensor, " n"]]:
+        """:func:`target_scores` with the positions told (arguments as in :meth:`run`)."""
+        mask = self._tell(mask, offset, prompt_length)
+        return target_scores(self.model, ids, mask, at, targets, **kwargs)
 
     def prefill(
         self,

@@ -473,6 +473,19 @@ def _collect_pairs(
     return xs, ys
 
 
+def _check_fit_settings(
+    texts: Sequence[str], family: str, heldout_fraction: float, max_pairs: int
+) -> None:
+    """:func:`fit_state_map`'s settings, refused by name before any model runs."""
+    check_texts(texts)
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    if not 0 < heldout_fraction < 1:
+        raise ValueError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}")
+    if max_pairs < 2:
+        raise ValueError(f"max_pairs must be >= 2, got {max_pairs}")
+
+
 def fit_state_map(
     source: Any,
     target: Any,
@@ -505,13 +518,7 @@ def fit_state_map(
         >>> smap = fit_state_map(source, target, fitting_texts("mixed", 2000), family="anchor")
         >>> v_tgt = transplant_states(smap, pos_states, neg_states, concept="fear")
     """
-    check_texts(texts)
-    if family not in FAMILIES:
-        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
-    if not 0 < heldout_fraction < 1:
-        raise ValueError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}")
-    if max_pairs < 2:
-        raise ValueError(f"max_pairs must be >= 2, got {max_pairs}")
+    _check_fit_settings(texts, family, heldout_fraction, max_pairs)
     kind = resolve_pairing(source, target, pairing)
     if layer_pairs is None:
         layer_pairs = match_layers_by_depth(source.cfg.n_layers, target.cfg.n_layers)

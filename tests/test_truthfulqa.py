@@ -17,6 +17,7 @@ from contrans_tl.evals.truthfulqa import (
     honesty_prompts,
     load_truthfulqa,
     score_choices,
+    score_continuations,
     score_many,
     split_questions,
 )
@@ -432,6 +433,37 @@ def test_score_many_matches_hand_across_questions(model_name, batch_size, reques
         assert r == pytest.approx(hand, abs=1e-4)
     alone = score_choices(model, [5], [[7, 8, 9], [10]], batch_size=batch_size)
     assert got[-2] == pytest.approx(alone, abs=1e-5)  # batching changes only float noise
+
+
+@pytest.mark.parametrize("model_name", ["small_llama", "small_gemma"])
+@pytest.mark.parametrize("reuse", [True, False])
+def test_score_continuations_tells_greedy_continuations(model_name, reuse, request, questions):
+    """lm-eval's (loglikelihood, is_greedy): a continuation built token by token from the
+    argmax is greedy; others are greedy exactly when every token is the argmax by hand."""
+    model = request.getfixturevalue(model_name)
+    items = _items(model, questions, [2, 5])
+    for ctx, choices in items:
+        seq = list(ctx)
+        for _ in range(3):  # the greedy continuation, by hand
+            with torch.no_grad():
+                seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+        choices.append(seq[len(ctx) :])
+        choices.append(seq[len(ctx) : len(ctx) + 1])
+    got = score_continuations(model, items, batch_size=3, reuse_prefix=reuse)
+    for (ctx, choices), row in zip(items, got):
+        hand_ll = _by_hand(model, ctx, choices)
+        hand_greedy = []
+        for c in choices:
+            with torch.no_grad():
+                logits = model(torch.tensor([ctx + c]))[0]
+            top = logits[len(ctx) - 1 : len(ctx) - 1 + len(c)].argmax(-1)
+            hand_greedy.append(top.tolist() == c)
+        assert [ll for ll, _ in row] == pytest.approx(hand_ll, abs=1e-4)
+        assert [g for _, g in row] == hand_greedy
+        assert row[-1][1] and row[-2][1] and not all(hand_greedy)
+    assert [[ll for ll, _ in r] for r in got] == score_many(
+        model, items, batch_size=3, reuse_prefix=reuse
+    )
 
 
 def test_score_many_shares_forward_passes_across_questions(small_gemma, questions):

@@ -90,6 +90,7 @@ __all__ = [
     "encode_choices",
     "score_choices",
     "score_many",
+    "score_continuations",
     "evaluate_mc",
     "honesty_prompts",
     "split_questions",
@@ -443,16 +444,23 @@ def encode_choices(
     return EncodedChoices(context_ids=ctx, choice_ids=out, exact=exact)
 
 
+Scored = tuple[float, bool]
+"""A continuation's summed log-probability, and whether every token of it is greedy."""
+
+
 def _sum_logprobs(
     logits: Tensor, targets: Tensor, lengths: Sequence[int], start: int
-) -> list[float]:
-    """Per row r: Σ_j log softmax(logits[r, start + j])[targets[r, j]] for j < lengths[r]."""
+) -> list[Scored]:
+    """Per row r: (Σ_j log softmax(logits[r, start + j])[targets[r, j]] for j < lengths[r],
+    every such target the argmax)."""
     out = []
     for r, n in enumerate(lengths):
         rows = logits[r, start : start + n].float()
         lp = torch.log_softmax(rows, dim=-1)
-        picked = lp.gather(-1, targets[r, :n, None].to(lp.device))[:, 0]
-        out.append(float(picked.double().sum()))
+        want = targets[r, :n, None].to(lp.device)
+        picked = lp.gather(-1, want)[:, 0]
+        top = rows.gather(-1, want)[:, 0] >= rows.max(dim=-1).values
+        out.append((float(picked.double().sum()), bool(top.all())))
     return out
 
 
@@ -590,6 +598,37 @@ def score_many(
         ...         for q in questions]
         >>> scores = score_many(model, encs)   # scores[i][j]: question i, choice j
     """
+    got = score_continuations(
+        model,
+        items,
+        intervention=intervention,
+        batch_size=batch_size,
+        reuse_prefix=reuse_prefix,
+        progress=progress,
+    )
+    return [[ll for ll, _ in row] for row in got]
+
+
+def score_continuations(
+    model: Any,
+    items: Sequence[ChoiceItem],
+    *,
+    intervention: Intervention | None = None,
+    batch_size: int = 16,
+    reuse_prefix: bool = True,
+    progress: Callable[[int], None] | None = None,
+) -> list[list[Scored]]:
+    """:func:`score_many`, each score with whether its continuation is the greedy one.
+
+    What lm-evaluation-harness's ``loglikelihood`` asks of a model: per continuation,
+    ``(Σ_j log p(c_j | context, c_<j), every c_j is the argmax token)`` (a target tied
+    for the top logit counts as the argmax). Same passes and arguments as
+    :func:`score_many`.
+
+    Example:
+        >>> score_continuations(model, [(ctx_ids, [[318], [257, 3290]])])
+        [[(-2.1, True), (-7.9, False)]]
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     parsed = _parse_items(items)
@@ -599,7 +638,7 @@ def score_many(
         what="item",
         hint="its context plus its longest choice must fit; shorten the prompt or answers",
     )
-    scores: list[list[float]] = [[0.0] * len(c) for _, c in parsed]
+    scores: list[list[Scored]] = [[(0.0, False)] * len(c) for _, c in parsed]
     done = 0
     with Forward(model, intervention) as fwd:
         if not reuse_prefix:
@@ -621,7 +660,7 @@ def score_many(
 
 def _score_group(
     fwd: Forward, group: Sequence[tuple[list[int], list[list[int]]]], batch_size: int
-) -> list[list[float]]:
+) -> list[list[Scored]]:
     """The fast path for one group of questions (see :func:`score_many`)."""
     model = fwd.model
     dev = model_device(model)
@@ -636,7 +675,7 @@ def _score_group(
     # position j of a row is fed [last context token, choice[:-1]][j], predicts choice[j]
     rows = [(g, c) for g, (_, choices) in enumerate(group) for c in range(len(choices))]
     fed = [[group[g][0][-1]] + group[g][1][c][:-1] for g, c in rows]
-    out: list[list[float]] = [[0.0] * len(choices) for _, choices in group]
+    out: list[list[Scored]] = [[(0.0, False)] * len(choices) for _, choices in group]
     for batch in padded_batches(fed, batch_size, pad, side="right"):
         chunk = [rows[i] for i in batch.index]
         targets = torch.full_like(batch.ids, pad)
@@ -647,7 +686,7 @@ def _score_group(
         kwargs: dict[str, Any] = {}
         if cache is not None:
             kwargs["past_key_values"] = repeat_cache(cache, qrows.to(dev))
-        lp = fwd.token_logprobs(
+        lp, top = fwd.target_scores(
             batch.ids,
             mask,
             batch.mask.bool(),
@@ -657,13 +696,14 @@ def _score_group(
             **kwargs,
         )
         sums = torch.split(lp.double().cpu(), batch.lengths)
-        for (g, c), s in zip(chunk, sums):
-            out[g][c] = float(s.sum())
+        greedy = torch.split(top.cpu(), batch.lengths)
+        for (g, c), s, t in zip(chunk, sums, greedy):
+            out[g][c] = (float(s.sum()), bool(t.all()))
     return out
 
 
 def _score_unshared(
-    fwd: Forward, ctx: list[int], choices: list[list[int]], batch_size: int, out: list[float]
+    fwd: Forward, ctx: list[int], choices: list[list[int]], batch_size: int, out: list[Scored]
 ) -> None:
     """The reference path: context + choice in full for every choice (one question)."""
     model = fwd.model
