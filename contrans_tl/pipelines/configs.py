@@ -91,7 +91,6 @@ EMOTION_MAP_METHODS = (
 #: The map methods that need no rank (what the experiments other than the emotion one take).
 FULL_RANK_MAP_METHODS = ("svd", "ridge", "procrustes", "whitened_procrustes")
 #: Steering scales (:data:`contrans_tl.steering.Scale`).
-#: Steering scales (:data:`contrans_tl.steering.Scale`).
 STEER_SCALES = ("raw", "relative")
 #: Kinds of map-fitting text (:data:`contrans_tl.map_texts.MAP_TEXTS`).
 MAP_TEXT_KINDS = ("wikisplit", "prompts", "mixed")
