@@ -64,6 +64,15 @@ def _cell(summary: dict[str, Any], method: str, key: str) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+def _ppl_cell(name: str) -> str:
+    """Mean (max) over the six emotions of steered / unsteered perplexity, if measured."""
+    path = OUT / name / "perplexity.json"
+    if not path.is_file():
+        return "-"
+    got = json.loads(path.read_text(encoding="utf-8"))["contrans_word_ends"]
+    return f"{got['mean_ratio']:.2f} ({got['max_ratio']:.2f})"
+
+
 def report() -> str:
     """maps.md: one row per stored variant."""
     lines = [
@@ -71,11 +80,14 @@ def report() -> str:
         "",
         "Command: `python experiments/run_maps.py`. Word-end pairs; R² on held-out fitting "
         "texts (own pairs, and at last tokens, where vectors are read); emotion scores on "
-        "50 evaluation negatives per emotion at the α picked on validation negatives.",
+        "50 evaluation negatives per emotion at the α picked on validation negatives. "
+        "ppl × base: the target's perplexity on 100 held-out WikiSplit sentences steered by "
+        "each emotion's vector at that α over its unsteered perplexity, mean (max) over the "
+        "six emotions (`python experiments/run_maps_perplexity.py`; - where not run).",
         "",
         "| variant | R² own | R² last | ConTrans Token Acc | Logit Acc | specificity | "
-        "Self Token Acc | Self specificity | random specificity | map fit (s) |",
-        "| --- |" + " ---: |" * 9,
+        "Self Token Acc | Self specificity | random specificity | ppl × base | map fit (s) |",
+        "| --- |" + " ---: |" * 10,
     ]
     missing = []
     for name in VARIANTS:
@@ -93,7 +105,7 @@ def report() -> str:
             f"| {_cell(s, 'contrans_word_ends', 'logit_acc')} "
             f"| {_cell(s, 'contrans_word_ends', 'specificity')} | {_cell(s, 'self', 'token_acc')} "
             f"| {_cell(s, 'self', 'specificity')} | {_cell(s, 'random_word_ends', 'specificity')} "
-            f"| {info['seconds']:.0f} |"
+            f"| {_ppl_cell(name)} | {info['seconds']:.0f} |"
         )
     if missing:
         lines += ["", "Not run yet: " + ", ".join(missing) + "."]

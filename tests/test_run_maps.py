@@ -34,7 +34,13 @@ def test_variants_are_valid_and_the_table_skips_stale_runs(tmp_path, monkeypatch
     (tmp_path / name).mkdir()
     (tmp_path / name / "results.json").write_text(json.dumps(result))
     row = [line for line in m.report().splitlines() if line.startswith(f"| {name} |")]
-    assert row == [f"| {name} | 0.600 | 0.200 | 0.250 | 0.500 | 0.125 | - | - | - | 12 |"]
+    assert row == [f"| {name} | 0.600 | 0.200 | 0.250 | 0.500 | 0.125 | - | - | - | - | 12 |"]
+    ppl = {"contrans_word_ends": {"mean_ratio": 1.125, "max_ratio": 1.5}}
+    (tmp_path / name / "perplexity.json").write_text(json.dumps(ppl))
+    row = [line for line in m.report().splitlines() if line.startswith(f"| {name} |")]
+    assert row == [
+        f"| {name} | 0.600 | 0.200 | 0.250 | 0.500 | 0.125 | - | - | - | 1.12 (1.50) | 12 |"
+    ]
     result["config"]["n_negatives"] = 3  # a run with other settings is not this variant
     (tmp_path / name / "results.json").write_text(json.dumps(result))
     assert not [line for line in m.report().splitlines() if line.startswith(f"| {name} |")]
