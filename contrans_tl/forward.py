@@ -516,8 +516,10 @@ class Forward:
         **kwargs: Any,
     ) -> Float[Tensor, " n"]:
         """:func:`token_logprobs` with the positions told (arguments as in :meth:`run`)."""
-        mask = self._tell(mask, offset, prompt_length)
-        return token_logprobs(self.model, ids, mask, at, targets, **kwargs)
+        got = self.target_scores(
+            ids, mask, at, targets, offset=offset, prompt_length=prompt_length, **kwargs
+        )
+        return got[0]
 
     def target_scores(
         self,

@@ -31,6 +31,7 @@ MC1 (``evaluate_mc(..., chat=False)``). Generation is greedy
 (:func:`contrans_tl.steering.generate`); sampling is refused rather than ignored.
 """
 
+import inspect
 import logging
 import math
 import sys
@@ -203,10 +204,8 @@ class ContransLM(TemplateLM):
         >>> lm.loglikelihood(requests)            # what lm_eval.simple_evaluate calls
     """
 
-    _INTERVENTION_ARGS = (
-        "vector", "alpha", "layers", "positions", "scale", "donor", "modules", "value",
-        "n_steps", "step_size", "intervention",
-    )  # fmt: skip
+    #: what :func:`build_intervention` takes, besides the model
+    _INTERVENTION_ARGS = tuple(inspect.signature(build_intervention).parameters)[1:]
 
     def __init__(
         self,
@@ -331,8 +330,7 @@ class ContransLM(TemplateLM):
         from contrans_tl.steering import generate
 
         out: list[str] = [""] * len(requests)
-        by_kwargs: dict[str, list[int]] = {}
-        settings: dict[str, tuple[list[str], int]] = {}
+        by_kwargs: dict[tuple[tuple[str, ...], int], list[int]] = {}
         for n, req in enumerate(requests):
             context, gen = req.args
             gen = dict(gen or {})
@@ -344,11 +342,8 @@ class ContransLM(TemplateLM):
             until = gen.pop("until", None) or []
             until = [until] if isinstance(until, str) else list(until)
             budget = int(gen.pop("max_gen_toks", self.max_gen_toks))
-            key = repr((until, budget))
-            by_kwargs.setdefault(key, []).append(n)
-            settings[key] = (until, budget)
-        for key, members in by_kwargs.items():
-            until, budget = settings[key]
+            by_kwargs.setdefault((tuple(until), budget), []).append(n)
+        for (until, budget), members in by_kwargs.items():
             texts = generate(
                 self.model,
                 [requests[n].args[0] for n in members],

@@ -34,7 +34,7 @@ def measure(source: Any, target: Any, name: str) -> dict[str, Any]:
     from contrans_tl.evals.emotion import EMOTIONS, refinement_prompts
     from contrans_tl.evals.perplexity import heldout_wikisplit, perplexity
     from contrans_tl.pipelines import emotion as pe
-    from contrans_tl.pipelines.cache import model_fingerprint, open_cache
+    from contrans_tl.pipelines.cache import open_cache
     from contrans_tl.steering import make_steering
 
     t0 = time.time()
@@ -45,13 +45,7 @@ def measure(source: Any, target: Any, name: str) -> dict[str, Any]:
     store = open_cache(None)
     split = config.split()
     prompts = {e: refinement_prompts(split, e) for e in EMOTIONS}
-    fps = (model_fingerprint(source), model_fingerprint(target))
-    src_vecs = pe.refine_source_vectors(source, fps[0], prompts, config, store)
-    maps = pe.fit_maps(source, target, fps, config, store)
-    states = pe.refinement_states(source, prompts, config) if config.map_method in (
-        "mlp", "anchor") else None  # fmt: skip
-    vectors = pe.transplant_vectors(maps, src_vecs, config, states)
-    vectors["self"] = pe.refine_self_vectors(target, fps[1], prompts, config, store)
+    _, _, vectors = pe.emotion_vectors(source, target, config, prompts, store, {})
     texts = heldout_wikisplit(N_TEXTS, exclude=pe.map_fitting_texts(config))
     base = perplexity(target, texts)["ppl"]
     out: dict[str, Any] = {

@@ -155,6 +155,22 @@ def small_gemma(meta_tokenizer):
     return tiny_gemma3(meta_tokenizer, name="tiny-gemma3-40")
 
 
+@pytest.fixture(scope="session")
+def folders(tmp_path_factory, byte_tokenizer, meta_tokenizer):
+    """[source, target] as Hugging Face folders (tiny Llama, tiny Gemma 3), for the
+    commands and scripts that load models by path; read only."""
+    base = tmp_path_factory.mktemp("tiny_model_folders")
+    out = []
+    for name, model, tok in (
+        ("src", tiny_llama_hf(byte_tokenizer), byte_tokenizer),
+        ("tgt", tiny_gemma3_hf(meta_tokenizer), meta_tokenizer),
+    ):
+        model.save_pretrained(base / name)
+        tok.save_pretrained(base / name)
+        out.append(str(base / name))
+    return out
+
+
 @pytest.fixture
 def as_users_run_it():
     """The test suite runs contrans_tl under a runtime type checker (beartype through

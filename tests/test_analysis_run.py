@@ -491,22 +491,6 @@ def test_plot_errors(tmp_path):
 # --- the command -----------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory, byte_tokenizer, meta_tokenizer):
-    from conftest import tiny_gemma3_hf, tiny_llama_hf
-
-    base = tmp_path_factory.mktemp("analyze_models")
-    out = []
-    for name, model, tok in (
-        ("src", tiny_llama_hf(byte_tokenizer), byte_tokenizer),
-        ("tgt", tiny_gemma3_hf(meta_tokenizer), meta_tokenizer),
-    ):
-        model.save_pretrained(base / name)
-        tok.save_pretrained(base / name)
-        out.append(str(base / name))
-    return out
-
-
 CLI_SMALL = [
     "--n-map-texts",
     "30",

@@ -28,22 +28,6 @@ CHECKS = [
 EFFECT_CHECKS = ["transplant_raises_token_acc", "transplant_raises_the_emotion_on_most_queries"]
 
 
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory, byte_tokenizer, meta_tokenizer):
-    from conftest import tiny_gemma3_hf, tiny_llama_hf
-
-    base = tmp_path_factory.mktemp("tutorial_models")
-    out = []
-    for name, model, tok in (
-        ("src", tiny_llama_hf(byte_tokenizer), byte_tokenizer),
-        ("tgt", tiny_gemma3_hf(meta_tokenizer), meta_tokenizer),
-    ):
-        model.save_pretrained(base / name)
-        tok.save_pretrained(base / name)
-        out.append(str(base / name))
-    return out
-
-
 def _run(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     return subprocess.run(

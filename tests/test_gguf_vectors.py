@@ -108,32 +108,35 @@ def test_layer_0_refused_or_dropped(small_gemma, tmp_path):
         write_control_vector(v, tmp_path / "y.gguf", alpha=float("inf"), drop_layer_0=True)
 
 
-def test_import_refuses_files_that_do_not_fit(small_gemma, small_llama, wide_llama, tmp_path):
-    deep = tmp_path / "deep.gguf"  # width 48 fits small_llama, block 4 does not
-    _raw_gguf(
-        deep, {"direction.1": np.ones(48, np.float32), "direction.4": np.ones(48, np.float32)}
-    )
-    with pytest.raises(ValueError, match=r"direction.4 is for block 4.*1..2 of this 3-block"):
-        read_control_vector(deep, small_llama)
+_ONES48 = np.ones(48, np.float32)
+#: (what, tensors of a raw file, its architecture, the model fixture, the refusal)
+_UNFIT = [
+    ("deep", {"direction.1": _ONES48, "direction.4": _ONES48}, "controlvector", "small_llama",
+     r"direction.4 is for block 4.*1..2 of this 3-block"),
+    ("narrow", {"direction.1": _ONES48}, "controlvector", "wide_llama",
+     "width 48, but the model's d_model is 80"),
+    ("zero", {"direction.0": _ONES48}, "controlvector", "small_llama", "for block 0"),
+    ("half", {"direction.1": np.ones(48, np.float16)}, "controlvector", "small_llama",
+     "1-D float32.*F16"),
+    ("model", {"token_embd.weight": _ONES48}, "llama", "small_llama",
+     "architecture 'llama', not a control vector"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("what", "tensors", "arch", "model_name", "match"), _UNFIT)
+def test_import_refuses_raw_files_that_do_not_fit(
+    what, tensors, arch, model_name, match, request, tmp_path
+):
+    path = tmp_path / f"{what}.gguf"
+    _raw_gguf(path, tensors, arch=arch)
+    with pytest.raises(ValueError, match=match):
+        read_control_vector(path, request.getfixturevalue(model_name))
+
+
+def test_import_refuses_other_models_junk_and_missing_files(small_gemma, small_llama, tmp_path):
     path = _vector(small_gemma, [1, 4]).to_gguf(tmp_path / "g.gguf")
     with pytest.raises(ValueError, match="width 40, but the model's d_model is 48"):
         read_control_vector(path, small_llama)
-    ok = tmp_path / "w.gguf"
-    _raw_gguf(ok, {"direction.1": np.ones(48, np.float32)})
-    with pytest.raises(ValueError, match="width 48, but the model's d_model is 80"):
-        read_control_vector(ok, wide_llama)
-    zero = tmp_path / "zero.gguf"
-    _raw_gguf(zero, {"direction.0": np.ones(48, np.float32)})
-    with pytest.raises(ValueError, match="for block 0"):
-        read_control_vector(zero, small_llama)
-    half = tmp_path / "half.gguf"
-    _raw_gguf(half, {"direction.1": np.ones(48, np.float16)})
-    with pytest.raises(ValueError, match="1-D float32.*F16"):
-        read_control_vector(half, small_llama)
-    other = tmp_path / "other.gguf"
-    _raw_gguf(other, {"token_embd.weight": np.ones(48, np.float32)}, arch="llama")
-    with pytest.raises(ValueError, match="architecture 'llama', not a control vector"):
-        read_control_vector(other, small_llama)
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"not gguf at all")
     with pytest.raises(ValueError, match="not a readable GGUF file"):

@@ -64,22 +64,6 @@ def _execute(tmp_path, parameters: str | None):
     return "".join(text), images
 
 
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory, byte_tokenizer, meta_tokenizer):
-    from conftest import tiny_gemma3_hf, tiny_llama_hf
-
-    base = tmp_path_factory.mktemp("notebook_models")
-    out = []
-    for name, model, tok in (
-        ("src", tiny_llama_hf(byte_tokenizer), byte_tokenizer),
-        ("tgt", tiny_gemma3_hf(meta_tokenizer), meta_tokenizer),
-    ):
-        model.save_pretrained(base / name)
-        tok.save_pretrained(base / name)
-        out.append(str(base / name))
-    return out
-
-
 def test_notebook_runs_on_tiny_models(folders, tmp_path):
     src, tgt = folders
     parameters = f"""SOURCE = {src!r}

@@ -82,6 +82,7 @@ __all__ = [
     "check_out_dir",
     "random_like",
     "run_emotion",
+    "emotion_vectors",
     "refine_source_vectors",
     "fit_maps",
     "transplant_vectors",
@@ -652,6 +653,38 @@ def _machine() -> dict[str, Any]:
     }
 
 
+def emotion_vectors(
+    source: Any,
+    target: Any,
+    config: EmotionConfig,
+    prompts: Mapping[str, tuple[list[str], list[str]]],
+    store: ResultCache | None,
+    steps: dict[str, float],
+) -> tuple[tuple[dict[str, Any], dict[str, Any]], dict[str, FittedMap], dict[str, Any]]:
+    """Steps 1-3 of :func:`run_emotion`, and the Self reference: the models' fingerprints,
+    the source vectors, the maps, the transplanted vectors (and, with
+    ``config.include_self``, the target's own under ``"self"``), each step timed into
+    ``steps`` and served from ``store`` where it holds them.
+
+    Returns:
+        ``(fingerprints, maps, {method: {emotion: ConceptVector}})``.
+    """
+    with _timed("fingerprint models", steps):
+        fps = (model_fingerprint(source), model_fingerprint(target))
+    with _timed("refine source vectors", steps):
+        src_vecs = refine_source_vectors(source, fps[0], prompts, config, store)
+    with _timed("fit maps", steps):
+        maps = fit_maps(source, target, fps, config, store)
+    with _timed("transplant", steps):
+        nonlinear = config.map_method in STATE_MAP_FAMILIES
+        states = refinement_states(source, prompts, config) if nonlinear else None
+        vectors: dict[str, Any] = transplant_vectors(maps, src_vecs, config, states)
+    if config.include_self:
+        with _timed("refine self vectors", steps):
+            vectors["self"] = refine_self_vectors(target, fps[1], prompts, config, store)
+    return fps, maps, vectors
+
+
 def run_emotion(
     source: Any,
     target: Any,
@@ -691,19 +724,7 @@ def run_emotion(
     log.info("split sizes %s (evaluation)", split.sizes()["evaluation"])
     prompts = {e: refinement_prompts(split, e) for e in EMOTIONS}
     steps: dict[str, float] = {}
-    with _timed("fingerprint models", steps):
-        fps = (model_fingerprint(source), model_fingerprint(target))
-    with _timed("refine source vectors", steps):
-        src_vecs = refine_source_vectors(source, fps[0], prompts, config, store)
-    with _timed("fit maps", steps):
-        maps = fit_maps(source, target, fps, config, store)
-    with _timed("transplant", steps):
-        nonlinear = config.map_method in STATE_MAP_FAMILIES
-        states = refinement_states(source, prompts, config) if nonlinear else None
-        vectors = transplant_vectors(maps, src_vecs, config, states)
-    if config.include_self:
-        with _timed("refine self vectors", steps):
-            vectors["self"] = refine_self_vectors(target, fps[1], prompts, config, store)
+    fps, maps, vectors = emotion_vectors(source, target, config, prompts, store, steps)
     with _timed("build queries", steps):
         queries = build_queries(target, split, config)
     with _timed("score", steps):
