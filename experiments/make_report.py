@@ -629,7 +629,7 @@ def recontrol_section(folder: Path) -> list[str]:
 
 
 def maps_section(folder: Path) -> list[str]:
-    """Map family × fitting text on SmolLM2 → Gemma (issue 17): run_maps.py's own table."""
+    """Map family × fitting text × layer choice, both pairs (issue 17): run_maps.py's table."""
     head = ["## Maps that carry the concept (issue 17; `python experiments/run_maps.py`)", ""]
     if not (folder / "maps.md").is_file():
         return head + ["Not run."]

@@ -152,5 +152,5 @@ def test_maps_section_is_run_maps_own_table(report_module, tmp_path):
     out = report_module.maps_section(tmp_path)
     assert out[0].startswith("## Maps that carry the concept")
     assert "stale text" not in "\n".join(out)
-    assert any(line.startswith("| variant | R² own |") for line in out)
+    assert any(line.startswith("| pair | variant | layers | R² own |") for line in out)
     assert out[-1].startswith("Not run yet: svd-wikisplit")  # no stored variant here

@@ -401,7 +401,7 @@ def _load_predictions(folder: Path) -> dict[str, Predictions]:
     }
 
 
-def _predict_all(
+def predict_jobs(
     target: Any,
     fingerprint: Mapping[str, Any],
     queries: Queries,
@@ -464,7 +464,7 @@ def score_base(
         dict.fromkeys(tuple(q) for part in parts for e in EMOTIONS for q in queries.part(part)[e])
     )
     jobs = {"base": ([list(q) for q in distinct], None, 0.0)}
-    pred = _predict_all(target, fingerprint, queries, jobs, None, config, cache)["base"]
+    pred = predict_jobs(target, fingerprint, queries, jobs, None, config, cache)["base"]
     where = {q: i for i, q in enumerate(distinct)}
     rows = []
     for part in parts:
@@ -492,7 +492,7 @@ def score_method(
     rows = []
     for a in alphas:
         jobs = {e: (queries.validation[e] + queries.evaluation[e], vectors[e], a) for e in EMOTIONS}
-        preds = _predict_all(target, fingerprint, queries, jobs, layers, config, cache)
+        preds = predict_jobs(target, fingerprint, queries, jobs, layers, config, cache)
         for e in EMOTIONS:
             n_val = len(queries.validation[e])
             for part, sl in (("validation", slice(0, n_val)), ("evaluation", slice(n_val, None))):
@@ -523,7 +523,7 @@ def score_confusion(
         for ei in EMOTIONS
         for ej in EMOTIONS
     }
-    preds = _predict_all(target, fingerprint, queries, jobs, layers, config, cache)
+    preds = predict_jobs(target, fingerprint, queries, jobs, layers, config, cache)
     ids = queries.task.emotion_ids
     matrix = [[answer_share(preds[f"{ei}->{ej}"], ej, ids) for ej in EMOTIONS] for ei in EMOTIONS]
     return {"alpha": alpha, "matrix": matrix, **specificity(matrix)}
