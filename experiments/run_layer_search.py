@@ -7,8 +7,10 @@ For a variant experiments/run_maps.py has stored, its transplanted vectors are m
 (served from the result cache when the run's cache is still there), and
 :func:`contrans_tl.pipelines.layer_search.run_layer_search` picks the steered target
 layers (every layer, three contiguous bands, two unions of neighbouring bands), the scale
-(raw α · v with the run's α grid, or relative: α times each layer's mean residual norm,
-α in 0.05-0.4) and α on the validation negatives only; the picked setting alone is then
+(raw α · v with α in RAW_ALPHAS, or relative: α times each layer's mean residual norm, α
+in 0.1-0.4) and α on the validation negatives only (36 settings: on the two shared cores
+here each costs about a minute on Gemma, so the raw grid is the run's α ≥ 1, where the
+stored runs picked theirs); the picked setting alone is then
 scored on the evaluation negatives (Token / Logit Acc, the 6×6 answer matrix's
 specificity) and, with ``--perplexity``, by the target's perplexity on 100 held-out
 WikiSplit sentences under each emotion's vector. Writes layer_search.json next to the
@@ -30,6 +32,7 @@ assert _spec is not None and _spec.loader is not None
 run_maps = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(run_maps)
 N_TEXTS = 100
+RAW_ALPHAS = (1.0, 2.0, 4.0)
 
 
 def measure(source: Any, target: Any, name: str, pair: str, with_ppl: bool) -> dict[str, Any]:
@@ -42,7 +45,7 @@ def measure(source: Any, target: Any, name: str, pair: str, with_ppl: bool) -> d
     config = run_maps.config_of(name, pair)
     if run_maps.stored(name, pair) is None:
         raise ValueError(f"{pair}/{name}: no stored run with today's settings; run run_maps.py")
-    got = run_layer_search(source, target, config)
+    got = run_layer_search(source, target, config, raw_alphas=RAW_ALPHAS)
     vectors = got.pop("picked_vectors")
     flag = "" if pair == "gemma" else f" --pair {pair}"
     out: dict[str, Any] = {

@@ -10,8 +10,9 @@ answer matrix and specificity at the picked α) in experiments/results/maps/<var
 SmolLM2-135M-Instruct → Gemma-3-270m (word-end pairs, 2,000 fitting texts, 50 evaluation
 negatives per emotion) and in experiments/results/maps/qwen/<variant>/ for
 Qwen2.5-Coder-0.5B → 1.5B-Instruct (one tokenizer, so every-token pairs; 1,000 fitting
-texts, 20 evaluation negatives per emotion, three strengths: the 1.5B model is about six
-times Gemma's cost per token here). A variant whose results.json is there with the same
+texts, 20 evaluation negatives per emotion, three strengths, no 6×6 answer matrix: the
+1.5B model is about six times Gemma's cost per token here, and the matrix alone would be
+another 2,160 steered queries). A variant whose results.json is there with the same
 settings is not run again. On the two shared cores here a Gemma variant takes 20-45
 minutes.
 """
@@ -42,6 +43,7 @@ PAIRS: dict[str, tuple[str, str, str, dict[str, Any]]] = {
             "n_negatives": 20,
             "n_validation_negatives": 10,
             "batch_size": 8,
+            "include_specificity": False,
         },
     ),
 }

@@ -65,7 +65,13 @@ def test_search_reads_only_validation_and_the_evaluation_equals_direct_steering(
     monkeypatch.setattr(ls, "predict_jobs", spy)
     config = EmotionConfig(**SMALL)
     got = ls.run_layer_search(
-        small_llama, small_gemma, config, n_bands=2, relative_alphas=(0.1,), cache=False
+        small_llama,
+        small_gemma,
+        config,
+        n_bands=2,
+        raw_alphas=(4.0,),
+        relative_alphas=(0.1,),
+        cache=False,
     )
     n_layers = small_gemma.cfg.n_layers
     candidates = ls.layer_candidates(n_layers, 2)
@@ -74,7 +80,7 @@ def test_search_reads_only_validation_and_the_evaluation_equals_direct_steering(
     assert [(r["layers"], r["scale"], r["alpha"]) for r in rows] == [
         (name, scale, a)
         for name in candidates
-        for scale, grid in (("raw", (1.0, 4.0)), ("relative", (0.1,)))
+        for scale, grid in (("raw", (4.0,)), ("relative", (0.1,)))
         for a in grid
     ]
     best = max(r["token_acc"] for r in rows)

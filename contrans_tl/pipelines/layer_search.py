@@ -7,7 +7,7 @@ an order of magnitude may want strengths on different scales. This step searches
 
 * target layer sets (:func:`layer_candidates`): every layer, ``n_bands`` contiguous bands
   of near-equal size, and each union of two neighbouring bands;
-* scales: ``"raw"`` (add ``α · v``) with the run's α grid, and ``"relative"`` (add
+* scales: ``"raw"`` (add ``α · v``) with the run's α grid or another, and ``"relative"`` (add
   ``α · ‖h_k‖ · v / ‖v‖``, per-layer norm calibration, :func:`contrans_tl.steering.make_steering`)
   with its own grid, since there α is a share of the stream's norm;
 
@@ -42,7 +42,7 @@ from contrans_tl.pipelines.emotion import (
 log = logging.getLogger(__name__)
 
 #: The relative-scale α grid: shares of each layer's mean residual norm.
-RELATIVE_ALPHAS: tuple[float, ...] = (0.05, 0.1, 0.2, 0.4)
+RELATIVE_ALPHAS: tuple[float, ...] = (0.1, 0.2, 0.4)
 
 
 def layer_candidates(n_layers: int, n_bands: int = 3) -> dict[str, list[int]]:
@@ -125,6 +125,7 @@ def run_layer_search(
     config: EmotionConfig,
     *,
     n_bands: int = 3,
+    raw_alphas: Sequence[float] | None = None,
     relative_alphas: Sequence[float] = RELATIVE_ALPHAS,
     cache: Any = None,
 ) -> dict[str, Any]:
@@ -134,8 +135,9 @@ def run_layer_search(
 
     Args:
         source, target: the models of the emotion experiment.
-        config: its settings (:class:`EmotionConfig`); ``config.alphas`` is the raw grid.
+        config: its settings (:class:`EmotionConfig`).
         n_bands: how many contiguous bands :func:`layer_candidates` cuts the target into.
+        raw_alphas: the ``scale="raw"`` grid (``None``: ``config.alphas``).
         relative_alphas: the ``scale="relative"`` grid.
         cache: as in :func:`contrans_tl.pipelines.emotion.run_emotion`.
 
@@ -159,7 +161,8 @@ def run_layer_search(
     fps, _, vectors = emotion_vectors(source, target, config, prompts, store, {})
     method = f"contrans_{config.pairings[0]}"
     queries = build_queries(target, split, config)
-    grids = {"raw": tuple(config.alphas), "relative": tuple(relative_alphas)}
+    raw = tuple(config.alphas if raw_alphas is None else raw_alphas)
+    grids = {"raw": raw, "relative": tuple(relative_alphas)}
     rows, best = search_layers(
         target, fps[1], queries, vectors[method], candidates, grids, config, store
     )
